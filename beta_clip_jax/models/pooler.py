@@ -1,0 +1,171 @@
+"""Text-conditioned cross-attention pooler (spec section 1.5).
+
+Each image's K texts query that image's own patch tokens through one multi-head attention layer
+followed by a pre-LN QuickGELU MLP residual. There is no residual back to the query and no final
+LayerNorm, so the output lives in the span of value-projected patches plus the MLP on top.
+
+Parameter tree (names are stable; export maps them to PyTorch):
+
+```
+query/kernel [E, H, Dh]  query/bias [H, Dh]    -> in_proj_weight[0:E]    (reshape [E, E], transpose)
+key/kernel   [E, H, Dh]  key/bias   [H, Dh]    -> in_proj_weight[E:2E]
+value/kernel [E, H, Dh]  value/bias [H, Dh]    -> in_proj_weight[2E:3E]; biases -> in_proj_bias
+out/kernel   [H, Dh, E]  out/bias   [E]        -> out_proj.weight (reshape [E, E], transpose), .bias
+ln/scale [E]  ln/bias [E]                      -> LayerNorm weight, bias
+fc1/kernel [E, M]  fc1/bias [M]                -> Linear(E, M) weight (transpose), bias
+fc2/kernel [M, E]  fc2/bias [E]                -> Linear(M, E) weight (transpose), bias
+logit_scale ()                                 -> log of the beta-CAL scale, init ln(1/0.07)
+```
+
+Heads are laid out as PyTorch does: head h owns features h*Dh:(h+1)*Dh of the projected vector.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LN_EPS = 1e-5
+LOGIT_SCALE_INIT = math.log(1.0 / 0.07)
+
+
+def _uniform(bound: float):
+    """U(-bound, bound) initialiser for any shape (PyTorch-style bounds given explicitly)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _param(module, name, init, shape, axes):
+    """A float32 parameter carrying logical axis names for the sharding rules."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+class _Affine(nn.Module):
+    """Holds one kernel and bias (a named sub-tree like a Dense), applied by the caller's einsum.
+
+    The pooler's projections have head-split shapes that nn.Dense cannot name, and keeping the
+    einsum outside keeps every contraction visible in one place.
+    """
+
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    kernel_bound: float
+    bias_shape: tuple[int, ...]
+    bias_axes: tuple[str, ...]
+    bias_bound: float = 0.0  # 0 means a zero-initialised bias
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        kernel = _param(
+            self, "kernel", _uniform(self.kernel_bound), self.kernel_shape, self.kernel_axes
+        )
+        bias_init = _uniform(self.bias_bound) if self.bias_bound else nn.initializers.zeros_init()
+        bias = _param(self, "bias", bias_init, self.bias_shape, self.bias_axes)
+        return kernel, bias
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Row-wise L2 normalisation in float32 (the norm of bf16 vectors loses too many bits)."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's activation x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class _LayerNorm(nn.Module):
+    """LayerNorm (eps 1e-5) computed in float32 whatever the input dtype, as the reference does."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        e = x.shape[-1]
+        scale = _param(self, "scale", nn.initializers.ones_init(), (e,), ("embed",))
+        bias = _param(self, "bias", nn.initializers.zeros_init(), (e,), ("embed",))
+        x = x.astype(jnp.float32)
+        mu = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mu).mean(-1, keepdims=True)
+        return (x - mu) * jax.lax.rsqrt(var + LN_EPS) * scale + bias
+
+
+class TextConditionedPooler(nn.Module):
+    """Pools each image's patches once per text of that image.
+
+    Attributes:
+      num_heads: attention heads H (embed dim E must be divisible by it).
+      mlp_ratio: hidden width of the output MLP as a multiple of E.
+      dtype: compute dtype of the matmuls; parameters, softmax and LayerNorm stay float32.
+    """
+
+    num_heads: int = 8
+    mlp_ratio: int = 4
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, text_emb: jax.Array, patches: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """text_emb [B, K, E], patches [B, P, E] -> (pooled [B, K, E], attn [B, H, K, P]).
+
+        Both inputs are L2-normalised here; attention never crosses images, so the cost is
+        O(B K P E), not O(B K x B P).
+        """
+        if text_emb.ndim != 3 or patches.ndim != 3:
+            raise ValueError(
+                f"pooler wants text_emb [B,K,E] and patches [B,P,E], got {text_emb.shape}, "
+                f"{patches.shape}"
+            )
+        e = text_emb.shape[-1]
+        if patches.shape[-1] != e or patches.shape[0] != text_emb.shape[0]:
+            raise ValueError(
+                f"pooler shape mismatch: text {text_emb.shape}, patches {patches.shape}"
+            )
+        h = self.num_heads
+        if e % h:
+            raise ValueError(f"embed dim {e} is not divisible by num_heads {h}")
+        dh = e // h
+        m = self.mlp_ratio * e
+        cd = self.dtype
+
+        # Xavier-uniform over PyTorch's stacked [3E, E] in_proj_weight, shared by q, k and v.
+        in_bound = math.sqrt(6.0 / (e + 3 * e))
+        # kaiming_uniform(a=sqrt(5)) on a fan_in x fan_out Linear is U(+-1/sqrt(fan_in)).
+        e_bound = 1.0 / math.sqrt(e)
+        m_bound = 1.0 / math.sqrt(m)
+
+        q_in = l2_normalize(text_emb).astype(cd)
+        kv_in = l2_normalize(patches).astype(cd)
+
+        def proj(name, x):
+            w, b = _Affine(
+                (e, h, dh), ("embed", "heads", "kv"), in_bound, (h, dh), ("heads", "kv"), name=name
+            )()
+            return jnp.einsum("bte,ehd->bthd", x, w.astype(cd)) + b.astype(cd)
+
+        q = proj("query", q_in)
+        k = proj("key", kv_in)
+        v = proj("value", kv_in)
+
+        logits = jnp.einsum("bkhd,bphd->bhkp", q, k).astype(jnp.float32) / math.sqrt(dh)
+        attn = jax.nn.softmax(logits, axis=-1)
+        ctx = jnp.einsum("bhkp,bphd->bkhd", attn.astype(cd), v)
+
+        w_o, b_o = _Affine(
+            (h, dh, e), ("heads", "kv", "embed"), e_bound, (e,), ("embed",), name="out"
+        )()
+        o = jnp.einsum("bkhd,hde->bke", ctx, w_o.astype(cd)) + b_o.astype(cd)
+
+        y = _LayerNorm(name="ln")(o)
+
+        w1, b1 = _Affine((e, m), ("embed", "mlp"), e_bound, (m,), ("mlp",), e_bound, name="fc1")()
+        w2, b2 = _Affine((m, e), ("mlp", "embed"), m_bound, (e,), ("embed",), m_bound, name="fc2")()
+        hid = quick_gelu(jnp.einsum("bke,em->bkm", y.astype(cd), w1.astype(cd)) + b1.astype(cd))
+        u = o + jnp.einsum("bkm,me->bke", hid, w2.astype(cd)) + b2.astype(cd)
+
+        # Touch the temperature so it exists in the tree; the loss reads it from params.
+        _param(self, "logit_scale", nn.initializers.constant(LOGIT_SCALE_INIT), (), ())
+        return u, attn
