@@ -1,0 +1,283 @@
+"""Readers for the benchmarks' own on-disk layouts (spec/evals.md section 2).
+
+Each reader returns a manifest (paths and texts, no pixels), so a bad path fails fast, before any
+compile, with a message naming what was expected where. Images are read later, per batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+FGOVD_FILES = {
+    "hard": "h_attributes_llava.jsonl",
+    "medium": "m_attributes_llava.jsonl",
+    "easy": "e_attributes_llava.jsonl",
+    "trivial": "shuffle_negatives_llava.jsonl",
+}
+
+# The 7-template ensemble of the CLIP authors' ImageNet notebook (beta-CLIP's early evaluator also
+# used 7 templates); a templates.txt beside the class folders overrides it.
+DEFAULT_TEMPLATES = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+
+@dataclasses.dataclass
+class RetrievalSet:
+    """Image-caption pairs; text_to_image[j] is the image index of captions[j]."""
+
+    image_paths: list[str]
+    captions: list[str]
+    text_to_image: np.ndarray
+
+    def first_caption_per_image(self) -> list[str]:
+        """One ground-truth caption per image (the first), used by text-conditioned scoring."""
+        first: dict[int, str] = {}
+        for caption, image in zip(self.captions, self.text_to_image.tolist(), strict=True):
+            first.setdefault(image, caption)
+        return [first[i] for i in range(len(self.image_paths))]
+
+    def truncated(self, max_images: int | None) -> RetrievalSet:
+        """The first max_images images and their captions (for quick runs)."""
+        if not max_images or max_images >= len(self.image_paths):
+            return self
+        keep = self.text_to_image < max_images
+        return RetrievalSet(
+            self.image_paths[:max_images],
+            [c for c, k in zip(self.captions, keep, strict=True) if k],
+            self.text_to_image[keep],
+        )
+
+
+@dataclasses.dataclass
+class BoxItem:
+    """One FG-OVD box: texts[0] is the positive, the rest its negatives; box is (x, y, w, h) px."""
+
+    image_path: str
+    box: tuple[float, float, float, float]
+    texts: list[str]
+
+
+@dataclasses.dataclass
+class ClassificationSet:
+    """Zero-shot classification: image paths, integer labels, class names and prompt templates."""
+
+    image_paths: list[str]
+    labels: np.ndarray
+    classnames: list[str]
+    templates: list[str]
+
+
+def _require(path: str, what: str, hint: str = "") -> str:
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{what}: expected at {path!r}, which does not exist. {hint}".strip()
+        )
+    return path
+
+
+def _find_image(folder: str, stem: str) -> str | None:
+    for ext in IMAGE_EXTENSIONS:
+        for cand in (stem + ext, stem + ext.upper()):
+            if os.path.exists(os.path.join(folder, cand)):
+                return os.path.join(folder, cand)
+    return None
+
+
+def one_to_one(image_paths: list[str], captions: list[str]) -> RetrievalSet:
+    """A RetrievalSet where caption j belongs to image j."""
+    return RetrievalSet(list(image_paths), list(captions), np.arange(len(captions)))
+
+
+def read_urban1k(root: str) -> RetrievalSet:
+    """Urban1k/image/<k>.jpg + Urban1k/caption/<k>.txt, paired by stem; the caption is line 1."""
+    hint = "Get it from the Hugging Face dataset BeichenZhang/Urban1k."
+    image_dir = _require(os.path.join(root, "image"), "Urban1k image folder", hint)
+    caption_dir = _require(os.path.join(root, "caption"), "Urban1k caption folder", hint)
+    images, captions = [], []
+    for name in sorted(os.listdir(caption_dir)):
+        if not name.endswith(".txt"):
+            continue
+        stem = name[: -len(".txt")]
+        image = _find_image(image_dir, stem)
+        if image is None:
+            raise FileNotFoundError(f"Urban1k: no image for caption {name} in {image_dir}")
+        with open(os.path.join(caption_dir, name), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        captions.append(lines[0].strip() if lines else "")
+        images.append(image)
+    if not captions:
+        raise FileNotFoundError(f"Urban1k: no caption .txt files in {caption_dir}")
+    return one_to_one(images, captions)
+
+
+def _sharegpt4v_clean(text: str) -> str:
+    """beta-CLIP's SV-1k caption: newlines to spaces, then the training-time caption dedup."""
+    from beta_clip_jax.data.hierarchy import dedupe_caption
+
+    return dedupe_caption(text.replace("\n", " "))
+
+
+def read_sharegpt4v_1k(
+    json_path: str, image_root: str, num: int = 1000, caption_mode: str = "beta_clip"
+) -> RetrievalSet:
+    """The first `num` entries of the ShareGPT4V annotation json; caption = conversations[1].value.
+
+    caption_mode: "beta_clip" (newlines -> spaces + caption dedup), "longclip" (newlines ->
+    spaces) or "raw".
+    """
+    hint = "Expected share-captioner_coco_lcs_sam_1246k_1107.json (HF Lin-Chen/ShareGPT4V)."
+    _require(json_path, "ShareGPT4V annotation json", hint)
+    _require(image_root, "ShareGPT4V image root (holding sam/images/...)")
+    with open(json_path, encoding="utf-8") as f:
+        entries = json.load(f)[:num]
+    clean = {
+        "beta_clip": _sharegpt4v_clean,
+        "longclip": lambda t: t.replace("\n", " "),
+        "raw": lambda t: t,
+    }
+    if caption_mode not in clean:
+        raise ValueError(f"caption_mode {caption_mode!r} not in {sorted(clean)}")
+    images = [os.path.join(image_root, e["image"]) for e in entries]
+    captions = [clean[caption_mode](e["conversations"][1]["value"]) for e in entries]
+    return one_to_one(images, captions)
+
+
+def _dci_caption(annotation: dict, caption_mode: str) -> str:
+    if caption_mode == "extra":  # FG-CLIP's protocol
+        text = annotation["extra_caption"]
+    elif caption_mode == "short+extra":  # LoTLIP / FLAIR: pieces re-joined with ". "
+        text = annotation.get("short_caption", "") + "\n" + annotation["extra_caption"]
+        pieces = [p.strip().rstrip(".").strip() for p in re.split(r"\n|\.\s", text)]
+        return ". ".join(p for p in pieces if p)
+    else:
+        raise ValueError(f"DCI caption_mode {caption_mode!r} not in ['extra', 'short+extra']")
+    return " ".join(text.split())
+
+
+def read_dci(
+    root: str, image_root: str | None = None, caption_mode: str = "short+extra"
+) -> RetrievalSet:
+    """DCI: root/annotations/*.json (all 7,805, every split), photos in image_root (root/photos)."""
+    hint = "Expected the densely_captioned_images folder from facebookresearch/DCI (dci.tar.gz)."
+    ann_dir = _require(os.path.join(root, "annotations"), "DCI annotations folder", hint)
+    image_root = image_root or os.path.join(root, "photos")
+    _require(image_root, "DCI photo folder (SA-1B shard sa_000138)")
+    images, captions = [], []
+    for name in sorted(os.listdir(ann_dir)):
+        if not name.endswith(".json"):
+            continue
+        with open(os.path.join(ann_dir, name), encoding="utf-8") as f:
+            annotation = json.load(f)
+        images.append(os.path.join(image_root, annotation["image"]))
+        captions.append(_dci_caption(annotation, caption_mode))
+    if not images:
+        raise FileNotFoundError(f"DCI: no annotation .json files in {ann_dir}")
+    return one_to_one(images, captions)
+
+
+def read_karpathy(
+    json_path: str, image_root: str, split: str = "test", captions_per_image: int = 5
+) -> RetrievalSet:
+    """COCO / Flickr30k Karpathy json (dataset_coco.json, dataset_flickr30k.json), one split.
+
+    Each image keeps its first `captions_per_image` sentences ("raw" text); COCO entries carry a
+    "filepath" (val2014/...) under image_root, Flickr entries only a filename.
+    """
+    hint = "Expected the Karpathy split file (dataset_coco.json / dataset_flickr30k.json)."
+    _require(json_path, "Karpathy split json", hint)
+    _require(image_root, "image root for the Karpathy split")
+    with open(json_path, encoding="utf-8") as f:
+        entries = [e for e in json.load(f)["images"] if e.get("split") == split]
+    if not entries:
+        raise ValueError(f"{json_path}: no images with split == {split!r}")
+    images, captions, owner = [], [], []
+    for i, entry in enumerate(entries):
+        images.append(os.path.join(image_root, entry.get("filepath", ""), entry["filename"]))
+        sentences = entry["sentences"][:captions_per_image]
+        if not sentences:
+            raise ValueError(f"{json_path}: image {entry['filename']} has no sentences")
+        for s in sentences:
+            captions.append(s["raw"].strip())
+            owner.append(i)
+    return RetrievalSet(images, captions, np.asarray(owner, np.int64))
+
+
+def read_fgovd(
+    root: str, image_root: str, difficulty: str, max_items: int | None = None
+) -> list[BoxItem]:
+    """One FG-OVD difficulty from FG-CLIP's flattened jsonl files (one annotated box per line).
+
+    Lines have img_path (val2017/... or train2017/... under image_root), bbox [x, y, w, h] in
+    original pixels, pos_expression [str] and neg_expression [str, ...].
+    """
+    if difficulty not in FGOVD_FILES:
+        raise ValueError(f"FG-OVD difficulty {difficulty!r} not in {sorted(FGOVD_FILES)}")
+    path = os.path.join(root, FGOVD_FILES[difficulty])
+    _require(path, f"FG-OVD {difficulty} file", "FG-CLIP ships these under data/fgovd/.")
+    _require(image_root, "COCO 2017 image root for FG-OVD (holding val2017/ and train2017/)")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            texts = [rec["pos_expression"][0]] + list(rec["neg_expression"])
+            box = tuple(float(v) for v in rec["bbox"])
+            items.append(BoxItem(os.path.join(image_root, rec["img_path"]), box, texts))
+            if max_items and len(items) >= max_items:
+                break
+    return items
+
+
+def _read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def read_image_folder(
+    root: str, classnames_file: str | None = None, templates_file: str | None = None
+) -> ClassificationSet:
+    """Zero-shot layout: root/<class_dir>/*.jpg, class index = sorted order of class_dir.
+
+    Class names come from classnames_file (one per line, in sorted-folder order; default
+    root/classnames.txt if present, else the folder names with "_" -> " "); templates from
+    templates_file (one per line with "{}"; default root/templates.txt, else DEFAULT_TEMPLATES).
+    """
+    _require(root, "zero-shot image folder (one subfolder per class)")
+    dirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not dirs:
+        raise FileNotFoundError(f"zero-shot: no class subfolders in {root}")
+    classnames_file = classnames_file or os.path.join(root, "classnames.txt")
+    if os.path.exists(classnames_file):
+        classnames = _read_lines(classnames_file)
+        if len(classnames) != len(dirs):
+            raise ValueError(f"{classnames_file}: {len(classnames)} names for {len(dirs)} folders")
+    else:
+        classnames = [d.replace("_", " ") for d in dirs]
+    templates_file = templates_file or os.path.join(root, "templates.txt")
+    templates = (
+        _read_lines(templates_file) if os.path.exists(templates_file) else list(DEFAULT_TEMPLATES)
+    )
+    paths, labels = [], []
+    for label, d in enumerate(dirs):
+        for name in sorted(os.listdir(os.path.join(root, d))):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(root, d, name))
+                labels.append(label)
+    if not paths:
+        raise FileNotFoundError(f"zero-shot: no images under {root}/<class>/")
+    return ClassificationSet(paths, np.asarray(labels, np.int64), classnames, templates)

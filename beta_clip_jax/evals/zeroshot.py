@@ -1,0 +1,58 @@
+"""Zero-shot classification evaluator on an image-folder layout (class subfolders).
+
+Each class's text embedding is the normalised mean of its prompt-template embeddings (the CLIP
+prompt ensemble); images use the CLS path; reports top1 and top5 accuracy in %.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from beta_clip_jax.evals import readers
+from beta_clip_jax.evals.base import (
+    Evaluator,
+    cfg_get,
+    cfg_require,
+    embed_images,
+    embed_texts,
+    image_batches,
+    l2_normalize,
+)
+from beta_clip_jax.evals.metrics import topk_accuracy
+
+
+def class_embeddings(encoder, classnames, templates, batch_size: int) -> np.ndarray:
+    """[num_classes, E]: per class, the normalised mean over templates of normalised embeddings."""
+    prompts = [t.format(c) for c in classnames for t in templates]
+    emb = embed_texts(encoder, prompts, batch_size)
+    emb = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)
+    return l2_normalize(emb)
+
+
+class ZeroShotEvaluator(Evaluator):
+    """Config: root (root/<class>/*.jpg), classnames (file, optional), templates (file, optional).
+
+    max_examples keeps an evenly spaced subset of the images, so every class stays represented.
+    """
+
+    kind = "zeroshot"
+
+    def __init__(self, name: str, cfg: Any):
+        super().__init__(name, cfg)
+        self.data = readers.read_image_folder(
+            cfg_require(cfg, "root", name), cfg_get(cfg, "classnames"), cfg_get(cfg, "templates")
+        )
+        n = len(self.data.image_paths)
+        if self.max_examples and self.max_examples < n:
+            keep = np.linspace(0, n - 1, int(self.max_examples)).round().astype(int)
+            self.data.image_paths = [self.data.image_paths[i] for i in keep]
+            self.data.labels = self.data.labels[keep]
+
+    def run(self, encoder) -> dict[str, float]:
+        data = self.data
+        classes = class_embeddings(encoder, data.classnames, data.templates, self.batch_size)
+        load = image_batches(data.image_paths, encoder.image_size, "crop")
+        images = embed_images(encoder, load, len(data.image_paths), self.batch_size)
+        return topk_accuracy(images @ classes.T, data.labels, (1, 5))
