@@ -139,6 +139,19 @@ def embed_conditioned(
     )
 
 
+def scores_per_item(
+    queries: np.ndarray, text_emb: np.ndarray, refs: Sequence[Sequence[int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [N, T], valid [N, T]): queries[n] against its own texts text_emb[refs[n]], padded."""
+    width = max(len(r) for r in refs)
+    scores = np.zeros((len(refs), width), np.float32)
+    valid = np.zeros((len(refs), width), bool)
+    for n, ref in enumerate(refs):
+        scores[n, : len(ref)] = text_emb[list(ref)] @ queries[n]
+        valid[n, : len(ref)] = True
+    return scores, valid
+
+
 def unique_texts(text_lists: Sequence[Sequence[str]]) -> tuple[list[str], list[list[int]]]:
     """Deduplicated texts (first-seen order) and, per list, the indices into them."""
     index: dict[str, int] = {}

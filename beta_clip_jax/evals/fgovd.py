@@ -22,6 +22,7 @@ from beta_clip_jax.evals.base import (
     embed_texts,
     load_image,
     prepare_image,
+    scores_per_item,
     unique_texts,
 )
 from beta_clip_jax.evals.gather import sharded_map
@@ -68,14 +69,7 @@ def box_text_scores(
     """(scores [N, T], valid [N, T]): cosine of each box to its texts, column 0 the positive."""
     vectors = box_vectors(encoder, load_raw, boxes, batch_size)
     texts, refs = unique_texts(text_lists)
-    text_vectors = embed_texts(encoder, texts, batch_size)
-    width = max(len(r) for r in refs)
-    scores = np.zeros((len(refs), width), np.float32)
-    valid = np.zeros((len(refs), width), bool)
-    for n, ref in enumerate(refs):
-        scores[n, : len(ref)] = text_vectors[ref] @ vectors[n]
-        valid[n, : len(ref)] = True
-    return scores, valid
+    return scores_per_item(vectors, embed_texts(encoder, texts, batch_size), refs)
 
 
 class FgovdEvaluator(Evaluator):

@@ -1,0 +1,104 @@
+"""Evaluators from `config.evals`, and the console table of their results.
+
+`config.evals` maps a dataset name to its settings, e.g.
+
+    evals.urban1k = dict(kind="urban1k", root="/data/Urban1k", every=1000, batch_size=64)
+    evals.fgovd = dict(kind="fgovd", root="/data/fgovd", image_root="/data/coco", every=1000)
+
+The name becomes the metric prefix (`eval/<name>/<metric>`). Building reads every manifest, so a
+missing path or an unknown kind stops the run before anything is compiled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from beta_clip_jax.evals.base import Evaluator, cfg_get
+from beta_clip_jax.evals.fgovd import FgovdEvaluator
+from beta_clip_jax.evals.retrieval import TCI_PREFIX, RetrievalEvaluator
+from beta_clip_jax.evals.synthetic_eval import SyntheticEvaluator
+from beta_clip_jax.evals.zeroshot import ZeroShotEvaluator
+
+KINDS: dict[str, type[Evaluator]] = {
+    "urban1k": RetrievalEvaluator,
+    "sharegpt4v_1k": RetrievalEvaluator,
+    "dci": RetrievalEvaluator,
+    "coco": RetrievalEvaluator,
+    "flickr30k": RetrievalEvaluator,
+    "fgovd": FgovdEvaluator,
+    "zeroshot": ZeroShotEvaluator,
+    "synthetic": SyntheticEvaluator,
+}
+
+
+def _items(cfg: Any) -> list[tuple[str, Any]]:
+    if cfg is None:
+        return []
+    if hasattr(cfg, "items"):
+        return list(cfg.items())
+    raise TypeError(f"config.evals must map names to settings, got {type(cfg).__name__}")
+
+
+def build_evaluator(name: str, cfg: Any) -> Evaluator:
+    """One evaluator from its settings; unknown kinds are an error that lists the known ones."""
+    kind = cfg_get(cfg, "kind", None)
+    if kind not in KINDS:
+        raise ValueError(
+            f"evaluator {name!r}: unknown kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}"
+        )
+    return KINDS[kind](name, cfg)
+
+
+def build_evaluators(evals_cfg: Any) -> list[Evaluator]:
+    """All evaluators of `config.evals` (name -> settings), in the config's order."""
+    return [build_evaluator(name, cfg) for name, cfg in _items(evals_cfg)]
+
+
+def run_evaluators(
+    evaluators: list[Evaluator], encoder, step: int | None = None
+) -> dict[str, dict[str, float]]:
+    """Results of the evaluators due at `step` (all of them when step is None), by name.
+
+    Every process must call this at the same steps: the encoder calls are collective.
+    """
+    return {ev.name: ev.run(encoder) for ev in evaluators if step is None or ev.should_run(step)}
+
+
+def flatten(results: dict[str, dict[str, float]], prefix: str = "eval") -> dict[str, float]:
+    """{dataset: {metric: v}} -> {"eval/<dataset>/<metric>": v}, the metrics.jsonl keys."""
+    return {
+        f"{prefix}/{d}/{k}": float(v) for d, metrics in results.items() for k, v in metrics.items()
+    }
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.0f}" if float(value).is_integer() and abs(value) >= 100 else f"{value:.2f}"
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """A plain-text table, one row per dataset and scoring.
+
+    Text-conditioned ("tci_") numbers get their own row, marked as not a dual-encoder protocol,
+    so they are never read as the standard retrieval score.
+    """
+    rows: list[tuple[str, str, str]] = []
+    for dataset, metrics in results.items():
+        plain = {k: v for k, v in metrics.items() if not k.startswith(TCI_PREFIX)}
+        tci = {k[len(TCI_PREFIX) :]: v for k, v in metrics.items() if k.startswith(TCI_PREFIX)}
+        for scoring, group in (("dual-encoder", plain), ("text-conditioned*", tci)):
+            if group:
+                cells = "  ".join(f"{k}={_fmt(v)}" for k, v in group.items())
+                rows.append((dataset, scoring, cells))
+    if not rows:
+        return "(no evaluation results)"
+    w0 = max(len("dataset"), *(len(r[0]) for r in rows))
+    w1 = max(len("scoring"), *(len(r[1]) for r in rows))
+    lines = [f"{'dataset':<{w0}}  {'scoring':<{w1}}  metrics"]
+    lines.append("-" * len(lines[0]))
+    lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+    if any(r[1].startswith("text-conditioned") for r in rows):
+        lines.append(
+            "* each gallery image pooled with its own caption (beta-CLIP's logged score); "
+            "not a leak-free retrieval protocol"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""Evaluator registry from config, the console table, and the synthetic-scenes evaluator."""
+
+import ml_collections
+import numpy as np
+import pytest
+from test_evals_datasets import make_urban1k
+from test_evals_fakes import ColourFake, IdFake, quadrant_image
+
+from beta_clip_jax.evals import registry
+from beta_clip_jax.evals.synthetic_eval import SyntheticEvaluator, synthetic_scores
+
+
+def test_build_from_config_dict_and_run(tmp_path):
+    root = make_urban1k(str(tmp_path / "u"), [1, 2, 3])
+    cfg = ml_collections.ConfigDict()
+    cfg.urban = dict(kind="urban1k", root=root, every=10, batch_size=2)
+    cfg.quick = dict(kind="urban1k", root=root, every=0, max_examples=2)
+    evaluators = sorted(registry.build_evaluators(cfg), key=lambda e: e.name != "urban")
+    assert [e.name for e in evaluators] == ["urban", "quick"]
+    assert [e.should_run(20) for e in evaluators] == [True, False]
+    assert not evaluators[0].should_run(15)
+    results = registry.run_evaluators(evaluators, IdFake(), step=20)
+    assert list(results) == ["urban"]
+    assert set(registry.run_evaluators(evaluators, IdFake())) == {"urban", "quick"}
+    flat = registry.flatten(results)
+    assert flat["eval/urban/t2i_r1"] == results["urban"]["t2i_r1"]
+    assert registry.build_evaluators(None) == []
+
+
+def test_unknown_kind_lists_known_kinds():
+    with pytest.raises(ValueError, match="unknown kind 'imagenet'.*coco.*urban1k"):
+        registry.build_evaluators({"x": {"kind": "imagenet"}})
+
+
+def test_format_table_labels_text_conditioned_scores():
+    table = registry.format_table(
+        {
+            "urban1k": {"t2i_r1": 88.6, "i2t_r1": 89.0, "tci_t2i_r1": 91.0, "num_images": 1000.0},
+            "fgovd": {"hard": 30.9},
+        }
+    )
+    lines = table.splitlines()
+    assert lines[0].split() == ["dataset", "scoring", "metrics"]
+    assert "urban1k  dual-encoder" in lines[2] and "t2i_r1=88.60" in lines[2]
+    assert "num_images=1000" in lines[2]
+    assert "text-conditioned*" in lines[3] and "t2i_r1=91.00" in lines[3]
+    assert "hard=30.90" in lines[4]
+    assert "not a leak-free" in lines[-1]
+    assert registry.format_table({}) == "(no evaluation results)"
+
+
+def _record(image, caption, caption_negs, boxes, box_texts, negatives):
+    return dict(
+        image=image,
+        caption=caption,
+        caption_negatives=caption_negs,
+        boxes=np.array(boxes, np.float32),
+        box_texts=box_texts,
+        negatives=negatives,
+    )
+
+
+def test_synthetic_scores_hand_computed():
+    a = quadrant_image("red", "blue", "green", "red", 16, 16)  # mean colour ~ (2, 1, 1)
+    b = quadrant_image("blue", "blue", "blue", "blue", 16, 16)
+    records = [
+        _record(
+            a,
+            "red red green blue",
+            ["green green red blue"],
+            [[0, 0, 8, 8], [8, 0, 8, 8]],
+            ["red", "red"],
+            {"hard": [["blue"], ["blue"]], "easy": [["green"], ["red"]]},  # 2nd easy: tie -> hit
+        ),
+        _record(
+            b, "blue", ["red"], [[0, 0, 16, 16]], ["blue"], {"hard": [["green"]], "easy": [[]]}
+        ),
+    ]
+    out = synthetic_scores(ColourFake(), records, batch_size=2, tci=True)
+    for key in ("t2i_r1", "i2t_r1", "tci_t2i_r1", "tci_i2t_r1", "caption_neg_acc", "box_easy"):
+        assert out[key] == pytest.approx(100.0), key
+    assert out["box_hard"] == pytest.approx(200 / 3)  # the blue box called "red" loses to "blue"
+    assert out["num_images"] == 2
+
+
+def test_synthetic_evaluator_on_synthetic_scenes():
+    pytest.importorskip("beta_clip_jax.data.synthetic")
+    ev = SyntheticEvaluator("synthetic", {"kind": "synthetic", "num_examples": 5, "batch_size": 4})
+    out = ev.run(ColourFake())
+    for key in ("t2i_r1", "i2t_r10", "tci_t2i_r1", "caption_neg_acc", "box_hard", "box_binding"):
+        assert 0.0 <= out[key] <= 100.0, key
+    assert out["num_images"] == 5
+    assert ev.run(ColourFake()) == out  # deterministic scenes, cached records
