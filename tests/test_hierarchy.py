@@ -75,6 +75,17 @@ def test_precomputed_phrases_filtered_to_sampled_sentences():
         p for p in ["a red car", "The Road", "a dog", "blue sky"] if p.lower() in h2.caption.lower()
     ]
     assert h2.phrases == expected
+    # All sentences sampled: every precomputed phrase is kept (cleaned), even if not verbatim.
+    h3 = H.build_hierarchy(
+        "",
+        np.random.default_rng(0),
+        max_sentences=5,
+        max_phrases=10,
+        sentences=sentences,
+        phrases=phrases + ["red car on road"],
+    )
+    assert h3.sentences == sentences
+    assert h3.phrases == ["a red car", "The Road", "a dog", "blue sky", "red car on road"]
     # "dog" inside "hotdog" is not a whole-word occurrence.
     assert H.phrases_in_text(["dog", "hot"], "a hotdog stand") == []
 

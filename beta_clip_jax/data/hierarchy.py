@@ -207,8 +207,10 @@ def build_hierarchy(
 ) -> TextHierarchy:
     """Sample the texts of one image (spec 3.2). `sentences`/`phrases`: precomputed, optional.
 
-    Precomputed sentences (already de-duplicated by prepare.py) replace dedupe + split. An empty
-    result (no sentence) is returned as-is; the caller decides to skip it.
+    Precomputed sentences (already de-duplicated by prepare.py) replace dedupe + split.
+    Precomputed phrases are all kept when every sentence was sampled, else only those occurring
+    in the sampled sentences (`phrases_in_text`). An empty result (no sentence) is returned
+    as-is; the caller decides to skip it.
     """
     if max_sentences < 1:
         raise ValueError(f"max_sentences must be >= 1, got {max_sentences}")
@@ -223,6 +225,8 @@ def build_hierarchy(
     if max_phrases > 0 and joined:
         if phrases is None:
             found = extract_phrases_fallback(joined)
+        elif len(picked) == len(sentences):
+            found = clean_phrases(phrases)  # every sentence kept: all phrases belong
         else:
             found = phrases_in_text(clean_phrases(phrases), joined)
     return TextHierarchy(caption=joined, sentences=picked, phrases=found[:max_phrases])

@@ -1,0 +1,369 @@
+"""Random-access record sources for grain: ShareGPT4V JSON, our JSONL, Urban1K folders, TFDS,
+synthetic scenes.
+
+Every source is a module-level class with `__len__`/`__getitem__` that pickles small (file
+offsets, not contents), so spawned grain workers can rebuild it. A record is a dict with "id",
+"image_path" (str) or "image" (encoded bytes or uint8 HWC), "caption" and, optionally,
+"sentences"/"phrases". Sources do not validate records: a malformed entry raises from
+`__getitem__` (invalid UTF-8 as UnicodeDecodeError) and the pipeline counts it as a skip. Missing
+dataset files raise at construction, before anything compiles, saying what was expected where.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+
+import numpy as np
+from PIL import Image
+
+from beta_clip_jax.data.synthetic import SyntheticScenes
+
+SHAREGPT4V_HELD_OUT = 1000  # json[:1000] is the SV-1k evaluation set (spec 3.1)
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class CorruptImageError(ValueError):
+    """An image file exists but cannot be decoded."""
+
+
+def open_image(src, draft_size: int | None = None) -> Image.Image:
+    """Decode a path, encoded bytes or uint8 array to a fully loaded RGB PIL image.
+
+    `draft_size`: let the JPEG decoder downscale by 1/2..1/8 while both sides stay >= it (much
+    faster on large photos, no visible loss when the result is resized below it anyway).
+    Raises FileNotFoundError for a missing file and CorruptImageError for undecodable data.
+    """
+    if isinstance(src, np.ndarray):
+        if src.dtype != np.uint8 or src.ndim not in (2, 3):
+            raise CorruptImageError(
+                f"expected a uint8 HW or HWC array, got {src.dtype} {src.shape}"
+            )
+        return Image.fromarray(src).convert("RGB")
+    name = src if isinstance(src, str | os.PathLike) else "<bytes>"
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBomb...
+        raise CorruptImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
+
+
+def load_image(src) -> np.ndarray:
+    """uint8 HWC RGB array of an image path, encoded bytes or array (errors as `open_image`)."""
+    return np.asarray(open_image(src), dtype=np.uint8)
+
+
+def _require(path: str | None, what: str, how: str) -> str:
+    if not path:
+        raise ValueError(f"no path given for {what}; {how}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found at {path!r}; {how}")
+    return path
+
+
+class _OffsetFile:
+    """Byte ranges of one file, read with pread (thread-safe, no shared seek position)."""
+
+    def __init__(self, path: str, starts: np.ndarray, ends: np.ndarray):
+        self.path, self.starts, self.ends = path, starts, ends
+        self._fd = None
+
+    def __getstate__(self):
+        return {"path": self.path, "starts": self.starts, "ends": self.ends}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fd = None
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def read(self, index: int) -> bytes:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        start, end = int(self.starts[index]), int(self.ends[index])
+        return os.pread(self._fd, end - start, start)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
+def _json_array_offsets(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offsets of each top-level element of a JSON array file (parsed once, then dropped).
+
+    The file is decoded as latin-1 so character offsets equal byte offsets; JSON structure is
+    ASCII, so the element boundaries are exact whatever the UTF-8 inside strings.
+    """
+    with open(path, "rb") as f:
+        text = f.read().decode("latin-1")
+    decoder = json.JSONDecoder()
+    pos = re.compile(r"\s*").match(text, 0).end()
+    if text[pos : pos + 1] != "[":
+        raise ValueError(f"{path}: expected a JSON array (ShareGPT4V format)")
+    pos += 1
+    starts, ends = [], []
+    ws = re.compile(r"\s*")
+    while True:
+        pos = ws.match(text, pos).end()
+        if text[pos : pos + 1] == "]":
+            break
+        _, end = decoder.raw_decode(text, pos)
+        starts.append(pos)
+        ends.append(end)
+        pos = ws.match(text, end).end()
+        if text[pos : pos + 1] == ",":
+            pos += 1
+    return np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+
+
+class ShareGPT4VSource:
+    """ShareGPT4V caption JSON: a list of {"image": rel path, "conversations": [..]}.
+
+    Caption = conversations[1].value with newlines as spaces (Long-CLIP / beta-CLIP). The first
+    1000 entries are the SV-1k evaluation set; the training pipeline skips them
+    (`data.skip_first`), this source does not.
+    """
+
+    how = (
+        "download share-captioner_coco_lcs_sam_1246k_1107.json from the Hugging Face dataset "
+        "Lin-Chen/ShareGPT4V and set data.path to it and data.image_root to the image folder "
+        "(containing coco/, llava/, sam/ ...)"
+    )
+
+    def __init__(self, path: str, image_root: str):
+        _require(path, "ShareGPT4V json", self.how)
+        self.image_root = _require(image_root, "ShareGPT4V image root", self.how)
+        self._file = _OffsetFile(path, *_json_array_offsets(path))
+        self._name = os.path.basename(path)
+
+    def __len__(self) -> int:
+        return len(self._file)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = json.loads(self._file.read(index))
+        caption = entry["conversations"][1]["value"]
+        if isinstance(caption, str):
+            caption = caption.replace("\n", " ")
+        return {
+            "id": f"{self._name}[{index}]",
+            "image_path": os.path.join(self.image_root, entry["image"]),
+            "caption": caption,
+        }
+
+
+class JsonlSource:
+    """Our JSONL (data/prepare.py): one {"image", "caption", "sentences"?, "phrases"?} a line."""
+
+    how = (
+        "write it with `python -m beta_clip_jax.data.prepare --input=... --format=sharegpt4v|jsonl "
+        "--image_root=... --out=FILE.jsonl` and set data.path to it"
+    )
+
+    def __init__(self, path: str, image_root: str | None = None):
+        _require(path, "JSONL file", self.how)
+        self.image_root = image_root or os.path.dirname(os.path.abspath(path))
+        _require(self.image_root, "image root of the JSONL file", "set data.image_root")
+        with open(path, "rb") as f:
+            buf = np.frombuffer(f.read(), np.uint8)
+        newlines = np.flatnonzero(buf == ord("\n"))
+        ends = np.append(newlines, len(buf)).astype(np.int64)
+        starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
+        keep = ends > starts  # skip empty lines (including after the final newline)
+        self._file = _OffsetFile(path, starts[keep], ends[keep])
+        self._name = os.path.basename(path)
+
+    def __len__(self) -> int:
+        return len(self._file)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = json.loads(self._file.read(index))
+        record = {
+            "id": f"{self._name}:{index + 1}",
+            "image_path": os.path.join(self.image_root, entry["image"]),
+            "caption": entry["caption"],
+        }
+        for key in ("sentences", "phrases"):
+            if entry.get(key) is not None:
+                record[key] = list(entry[key])
+        return record
+
+
+class Urban1KSource:
+    """Urban1K folders: `root/image/<k>.jpg` with `root/caption/<k>.txt` (first line = caption)."""
+
+    how = (
+        "download the Hugging Face dataset BeichenZhang/Urban1k and set the path to the folder "
+        "holding image/ and caption/"
+    )
+
+    def __init__(self, root: str):
+        _require(root, "Urban1K folder", self.how)
+        cap_dir = _require(os.path.join(root, "caption"), "Urban1K caption/ folder", self.how)
+        img_dir = _require(os.path.join(root, "image"), "Urban1K image/ folder", self.how)
+        images = {}
+        for name in os.listdir(img_dir):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in _IMAGE_EXTENSIONS:
+                images[stem] = os.path.join(img_dir, name)
+        stems = [os.path.splitext(n)[0] for n in os.listdir(cap_dir) if n.endswith(".txt")]
+        # Numeric order for 1..1000 (only the pairing matters, but a fixed order is reproducible).
+        stems.sort(key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+        self.cap_dir = cap_dir
+        self.stems = stems
+        # A caption without its image points at the expected path: counted as a missing image.
+        self.image_paths = [images.get(s, os.path.join(img_dir, s + ".jpg")) for s in stems]
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def __getitem__(self, index: int) -> dict:
+        stem = self.stems[index]
+        with open(os.path.join(self.cap_dir, stem + ".txt"), "rb") as f:
+            lines = f.read().decode("utf-8").splitlines()
+        return {
+            "id": f"urban1k/{stem}",
+            "image_path": self.image_paths[index],
+            "caption": lines[0].strip() if lines else "",
+        }
+
+
+def _feature(record: dict, key: str):
+    """A TFDS feature by flat key ("image/id") or "/"-separated nested path."""
+    if key in record:
+        return record[key]
+    value = record
+    for part in key.split("/"):
+        value = value[part]
+    return value
+
+
+def _as_text(value):
+    """TFDS text feature -> str: bytes are UTF-8 decoded; a sequence gives its first entry."""
+    if isinstance(value, np.ndarray) and value.ndim > 0 or isinstance(value, list | tuple):
+        value = value[0] if len(value) else ""
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+class TfdsSource:
+    """A TFDS dataset through `tfds.data_source` (ArrayRecord, random access, no TensorFlow)."""
+
+    def __init__(
+        self,
+        name: str,
+        split: str = "train",
+        data_dir: str | None = None,
+        image_key: str = "image",
+        caption_key: str = "caption",
+        id_key: str | None = None,
+    ):
+        self.name, self.split, self.data_dir = name, split, data_dir
+        self.image_key, self.caption_key, self.id_key = image_key, caption_key, id_key
+        self._source = self._open()
+        self._len = len(self._source)
+
+    def _open(self):
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError as e:
+            raise ImportError("TFDS sources need `pip install tensorflow-datasets`") from e
+        if not self.name:
+            raise ValueError("data.tfds.name is empty; set it to a TFDS dataset name")
+        try:
+            return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
+        except Exception as e:
+            raise FileNotFoundError(
+                f"TFDS dataset {self.name!r} split {self.split!r} not readable from data_dir "
+                f"{self.data_dir!r} ({type(e).__name__}: {e}); build it in ArrayRecord format "
+                "(`tfds build NAME --file_format=array_record --data_dir=DIR`) and set "
+                "data.tfds.data_dir"
+            ) from e
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_source"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._source = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict:
+        if self._source is None:
+            self._source = self._open()
+        record = self._source[index]
+        rid = _as_text(_feature(record, self.id_key)) if self.id_key else index
+        return {
+            "id": f"tfds:{self.name}/{self.split}[{index}]:{rid}",
+            "image": _feature(record, self.image_key),
+            "caption": _as_text(_feature(record, self.caption_key)),
+        }
+
+
+class SyntheticSource:
+    """Synthetic scenes (data/synthetic.py) as records; images are drawn at the output size.
+
+    `random_crop = False`: a crop could cut away an object the caption names.
+    """
+
+    random_crop = False
+
+    def __init__(self, scenes: SyntheticScenes):
+        self.scenes = scenes
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.scenes[index]
+        return {
+            "id": f"synthetic/{self.scenes.split}[{index}]",
+            "image": rec["image"],
+            "caption": rec["caption"],
+            "sentences": rec["sentences"],
+            "phrases": rec["phrases"],
+        }
+
+
+SOURCE_NAMES = ("synthetic", "sharegpt4v", "jsonl", "urban1k", "tfds")
+
+
+def make_source(data_cfg, image_size: int):
+    """The record source `data_cfg.name` names; raises before any compile if it cannot exist."""
+    name = data_cfg.name
+    if name == "synthetic":
+        syn = data_cfg.synthetic
+        scenes = SyntheticScenes(
+            syn.num_train if data_cfg.split == "train" else syn.num_eval,
+            image_size=image_size,
+            seed=syn.seed,
+            min_objects=syn.min_objects,
+            max_objects=syn.max_objects,
+            split=data_cfg.split,
+        )
+        return SyntheticSource(scenes)
+    if name == "sharegpt4v":
+        return ShareGPT4VSource(data_cfg.path, data_cfg.image_root)
+    if name == "jsonl":
+        return JsonlSource(data_cfg.path, data_cfg.image_root)
+    if name == "urban1k":
+        return Urban1KSource(data_cfg.path)
+    if name == "tfds":
+        t = data_cfg.tfds
+        return TfdsSource(t.name, data_cfg.split, t.data_dir, t.image_key, t.caption_key, t.id_key)
+    raise ValueError(f"unknown dataset name data.name={name!r}; expected one of {SOURCE_NAMES}")
+
+
+def default_skip_first(name: str) -> int:
+    """Records skipped at the start when data.skip_first is None: SV-1k for ShareGPT4V."""
+    return SHAREGPT4V_HELD_OUT if name == "sharegpt4v" else 0
