@@ -1,0 +1,98 @@
+"""Where does a text look? Heat maps of the pooler's attention and of patch-text similarity.
+
+    python -m beta_clip_jax.visualize --model=PATH --image=IMG --text="a red car" --out=heat.png
+
+PATH is anything `api.load` accepts (a workdir, an exported or a Hugging Face CLIP directory). The
+PNG shows the image (resized and centre-cropped to the model's input, as in evaluation), the
+text-conditioned pooler's attention over patches averaged over heads, and the cosine similarity of
+each projected patch feature with the text embedding, both overlaid on the image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+
+import numpy as np
+
+from beta_clip_jax.evals.base import load_image, prepare_image
+
+
+def attention_maps(encoder, image, text: str) -> tuple[np.ndarray | None, np.ndarray]:
+    """(attn [h, w] or None, sim [h, w]) for one image (uint8 HWC or PIL) and one text.
+
+    attn needs `encoder.attention(images, texts) -> [N, heads, h*w]` (the pooler's attention
+    weights); an encoder without it yields None. sim is patch-text cosine similarity.
+    """
+    size = encoder.image_size
+    batch = prepare_image(image, size, "crop")[None]
+    grid = np.asarray(encoder.dense_features(batch), np.float32)[0]  # [h, w, E]
+    h, w = grid.shape[:2]
+    text_emb = np.asarray(encoder.embed_texts([text]), np.float32)[0]
+    grid = grid / np.maximum(np.linalg.norm(grid, axis=-1, keepdims=True), 1e-12)
+    sim = grid @ (text_emb / max(float(np.linalg.norm(text_emb)), 1e-12))
+    attend = getattr(encoder, "attention", None)
+    if attend is None:
+        return None, sim
+    attn = np.asarray(attend(batch, [text]), np.float32)[0]  # [heads, P]
+    if attn.shape[-1] != h * w:
+        raise ValueError(f"attention covers {attn.shape[-1]} patches, the grid has {h}x{w}")
+    return attn.mean(axis=0).reshape(h, w), sim
+
+
+def render(image: np.ndarray, text: str, attn: np.ndarray | None, sim: np.ndarray, out: str):
+    """Write a PNG: the image, then each available map overlaid on it (bilinear upsampling)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("image", None)]
+    if attn is not None:
+        panels.append(("pooler attention (mean over heads)", attn))
+    panels.append(("patch-text cosine similarity", sim))
+    size = image.shape[0]
+    edges = (-0.5, size - 0.5, size - 0.5, -0.5)  # the image's own pixel-edge extent
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4), squeeze=False)
+    for ax, (title, heat) in zip(axes[0], panels, strict=True):
+        ax.imshow(image)
+        if heat is not None:
+            shown = ax.imshow(heat, cmap="jet", alpha=0.5, interpolation="bilinear", extent=edges)
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(text if len(text) <= 90 else text[:87] + "...", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def visualize(encoder, image, text: str, out: str) -> tuple[np.ndarray | None, np.ndarray]:
+    """Compute the maps for (image, text) and write them to `out`; returns the maps."""
+    attn, sim = attention_maps(encoder, image, text)
+    if attn is None:
+        warnings.warn(
+            "the encoder exposes no pooler attention (Encoder.attention); drawing similarity only",
+            stacklevel=2,
+        )
+    render(prepare_image(image, encoder.image_size, "crop"), text, attn, sim, out)
+    return attn, sim
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m beta_clip_jax.visualize", description=__doc__)
+    parser.add_argument("--model", required=True, help="workdir, exported or HF CLIP directory")
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--text", required=True, help="the text whose attention to show")
+    parser.add_argument("--out", default="heat.png", help="output PNG path")
+    args = parser.parse_args(argv)
+    api = importlib.import_module("beta_clip_jax.api")
+    encoder = api.load(args.model)
+    visualize(encoder, load_image(args.image), args.text, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
