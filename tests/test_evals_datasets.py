@@ -81,7 +81,7 @@ def test_sharegpt4v_first_entries_and_caption_cleaning(tmp_path):
         str(tmp_path / "sv.json"), str(tmp_path / "imgs"), num=3, caption_mode="longclip"
     )
     assert raw.captions[0] == "The picture shows shows item 0"
-    cfg = {"kind": "sharegpt4v_1k", "json": str(tmp_path / "sv.json")}
+    cfg = {"kind": "sharegpt4v_1k", "json_path": str(tmp_path / "sv.json")}
     cfg.update(image_root=str(tmp_path / "imgs"), num=3, tci=False, batch_size=2)
     out = RetrievalEvaluator("sv1k", cfg).run(IdFake())
     assert "tci_t2i_r1" not in out and out["num_images"] == 3

@@ -25,6 +25,8 @@ def test_build_from_config_dict_and_run(tmp_path):
     flat = registry.flatten(results)
     assert flat["eval/urban/t2i_r1"] == results["urban"]["t2i_r1"]
     assert registry.build_evaluators(None) == []
+    (syn,) = registry.build_evaluators({"s": {"kind": "synthetic"}}, image_size=16)
+    assert syn.image_size_hint == 16 and syn.num_examples == 64
 
 
 def test_unknown_kind_lists_known_kinds():

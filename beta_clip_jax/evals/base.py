@@ -41,9 +41,10 @@ class Evaluator:
 
     kind = ""
 
-    def __init__(self, name: str, cfg: Any):
+    def __init__(self, name: str, cfg: Any, image_size: int | None = None):
         self.name = name
         self.cfg = cfg
+        self.image_size_hint = image_size  # the model's input size when known at build time
         self.every = int(cfg_get(cfg, "every", 0))
         self.batch_size = int(cfg_get(cfg, "batch_size", 64))
         self.max_examples = cfg_get(cfg, "max_examples", None)

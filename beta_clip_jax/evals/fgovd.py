@@ -81,8 +81,8 @@ class FgovdEvaluator(Evaluator):
 
     kind = "fgovd"
 
-    def __init__(self, name: str, cfg: Any):
-        super().__init__(name, cfg)
+    def __init__(self, name: str, cfg: Any, image_size: int | None = None):
+        super().__init__(name, cfg, image_size)
         root = cfg_require(cfg, "root", name)
         image_root = cfg_require(cfg, "image_root", name)
         difficulties = list(cfg_get(cfg, "difficulties", list(readers.FGOVD_FILES)))

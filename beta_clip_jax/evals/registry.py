@@ -39,19 +39,23 @@ def _items(cfg: Any) -> list[tuple[str, Any]]:
     raise TypeError(f"config.evals must map names to settings, got {type(cfg).__name__}")
 
 
-def build_evaluator(name: str, cfg: Any) -> Evaluator:
+def build_evaluator(name: str, cfg: Any, image_size: int | None = None) -> Evaluator:
     """One evaluator from its settings; unknown kinds are an error that lists the known ones."""
     kind = cfg_get(cfg, "kind", None)
     if kind not in KINDS:
         raise ValueError(
             f"evaluator {name!r}: unknown kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}"
         )
-    return KINDS[kind](name, cfg)
+    return KINDS[kind](name, cfg, image_size)
 
 
-def build_evaluators(evals_cfg: Any) -> list[Evaluator]:
-    """All evaluators of `config.evals` (name -> settings), in the config's order."""
-    return [build_evaluator(name, cfg) for name, cfg in _items(evals_cfg)]
+def build_evaluators(evals_cfg: Any, image_size: int | None = None) -> list[Evaluator]:
+    """All evaluators of `config.evals` (name -> settings), in the config's iteration order.
+
+    image_size (the model's input size, optional) sizes the synthetic scenes before any encoder
+    exists; evaluators otherwise take the size from `encoder.image_size` at run time.
+    """
+    return [build_evaluator(name, cfg, image_size) for name, cfg in _items(evals_cfg)]
 
 
 def run_evaluators(

@@ -33,7 +33,7 @@ def read_retrieval_set(name: str, kind: str, cfg: Any) -> readers.RetrievalSet:
         return readers.read_urban1k(cfg_require(cfg, "root", name))
     if kind == "sharegpt4v_1k":
         return readers.read_sharegpt4v_1k(
-            cfg_require(cfg, "json", name),
+            cfg_require(cfg, "json_path", name),
             cfg_require(cfg, "image_root", name),
             num=int(cfg_get(cfg, "num", 1000)),
             caption_mode=cfg_get(cfg, "caption_mode", "beta_clip"),
@@ -48,7 +48,7 @@ def read_retrieval_set(name: str, kind: str, cfg: Any) -> readers.RetrievalSet:
         root = cfg_require(cfg, "root", name)
         default_json = "dataset_coco.json" if kind == "coco" else "dataset_flickr30k.json"
         return readers.read_karpathy(
-            cfg_get(cfg, "json", os.path.join(root, default_json)),
+            cfg_get(cfg, "json_path", os.path.join(root, default_json)),
             cfg_get(cfg, "image_root", root),
             split=cfg_get(cfg, "split", "test"),
             captions_per_image=int(cfg_get(cfg, "captions_per_image", 5)),
@@ -77,17 +77,17 @@ def retrieval_scores(
 class RetrievalEvaluator(Evaluator):
     """Config: kind, the kind's paths (see read_retrieval_set), tci, image_mode, + common fields.
 
-    Paths per kind: urban1k root; sharegpt4v_1k json + image_root (+ num, caption_mode);
+    Paths per kind: urban1k root; sharegpt4v_1k json_path + image_root (+ num, caption_mode);
     dci root (+ image_root, caption_mode "short+extra" | "extra"); coco / flickr30k root
-    (+ json, image_root, split, captions_per_image). tci defaults on for the long-caption sets
+    (+ json_path, image_root, split, captions_per_image). tci defaults on for the long-caption sets
     (as beta-CLIP logs it) and off for COCO/Flickr. image_mode "crop" (CLIP transform) or
     "squash" (FG-CLIP's square resize).
     """
 
     LONG_CAPTION_KINDS = ("urban1k", "sharegpt4v_1k", "dci")
 
-    def __init__(self, name: str, cfg: Any):
-        super().__init__(name, cfg)
+    def __init__(self, name: str, cfg: Any, image_size: int | None = None):
+        super().__init__(name, cfg, image_size)
         self.kind = cfg_require(cfg, "kind", name)
         self.tci = bool(cfg_get(cfg, "tci", self.kind in self.LONG_CAPTION_KINDS))
         self.image_mode = cfg_get(cfg, "image_mode", "crop")

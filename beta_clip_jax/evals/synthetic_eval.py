@@ -102,8 +102,8 @@ class SyntheticEvaluator(Evaluator):
 
     kind = "synthetic"
 
-    def __init__(self, name: str, cfg: Any):
-        super().__init__(name, cfg)
+    def __init__(self, name: str, cfg: Any, image_size: int | None = None):
+        super().__init__(name, cfg, image_size)
         self.num_examples = int(cfg_get(cfg, "num_examples", 64))
         if self.max_examples:
             self.num_examples = min(self.num_examples, int(self.max_examples))
@@ -128,5 +128,5 @@ class SyntheticEvaluator(Evaluator):
         return self._records[image_size]
 
     def run(self, encoder) -> dict[str, float]:
-        size = int(self.image_size or encoder.image_size)
+        size = int(self.image_size or encoder.image_size or self.image_size_hint)
         return synthetic_scores(encoder, self.records(size), self.batch_size, tci=self.tci)

@@ -32,17 +32,19 @@ def class_embeddings(encoder, classnames, templates, batch_size: int) -> np.ndar
 
 
 class ZeroShotEvaluator(Evaluator):
-    """Config: root (root/<class>/*.jpg), classnames (file, optional), templates (file, optional).
+    """Config: root (root/<class>/*.jpg), classnames_file and templates_file (both optional).
 
     max_examples keeps an evenly spaced subset of the images, so every class stays represented.
     """
 
     kind = "zeroshot"
 
-    def __init__(self, name: str, cfg: Any):
-        super().__init__(name, cfg)
+    def __init__(self, name: str, cfg: Any, image_size: int | None = None):
+        super().__init__(name, cfg, image_size)
         self.data = readers.read_image_folder(
-            cfg_require(cfg, "root", name), cfg_get(cfg, "classnames"), cfg_get(cfg, "templates")
+            cfg_require(cfg, "root", name),
+            cfg_get(cfg, "classnames_file"),
+            cfg_get(cfg, "templates_file"),
         )
         n = len(self.data.image_paths)
         if self.max_examples and self.max_examples < n:
