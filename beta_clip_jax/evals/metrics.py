@@ -37,7 +37,10 @@ def retrieval_ranks(sim: np.ndarray, text_to_image: np.ndarray) -> tuple[np.ndar
     (COCO/Flickr: 5). Returns (i2t_ranks [num_images], t2i_ranks [num_texts]), 0-based; an image's
     i2t rank is that of its best-ranked own caption.
     """
-    sim = np.asarray(sim, np.float64)
+    sim = np.asarray(sim)
+    sim = sim.astype(
+        np.result_type(sim.dtype, np.float32), copy=False
+    )  # keep f32: COCO is 5k x 25k
     t2i = np.asarray(text_to_image, np.int64)
     num_images, num_texts = sim.shape
     if t2i.shape != (num_texts,):
