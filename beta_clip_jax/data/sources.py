@@ -147,13 +147,16 @@ class ShareGPT4VSource:
     def __len__(self) -> int:
         return len(self._file)
 
+    def record_id(self, index: int) -> str:
+        return f"{self._name}[{index}]"
+
     def __getitem__(self, index: int) -> dict:
         entry = json.loads(self._file.read(index))
         caption = entry["conversations"][1]["value"]
         if isinstance(caption, str):
             caption = caption.replace("\n", " ")
         return {
-            "id": f"{self._name}[{index}]",
+            "id": self.record_id(index),
             "image_path": os.path.join(self.image_root, entry["image"]),
             "caption": caption,
         }
@@ -183,10 +186,13 @@ class JsonlSource:
     def __len__(self) -> int:
         return len(self._file)
 
+    def record_id(self, index: int) -> str:
+        return f"{self._name}:{index + 1}"  # 1-based line number, empty lines not counted
+
     def __getitem__(self, index: int) -> dict:
         entry = json.loads(self._file.read(index))
         record = {
-            "id": f"{self._name}:{index + 1}",
+            "id": self.record_id(index),
             "image_path": os.path.join(self.image_root, entry["image"]),
             "caption": entry["caption"],
         }
@@ -224,12 +230,15 @@ class Urban1KSource:
     def __len__(self) -> int:
         return len(self.stems)
 
+    def record_id(self, index: int) -> str:
+        return f"urban1k/{self.stems[index]}"
+
     def __getitem__(self, index: int) -> dict:
         stem = self.stems[index]
         with open(os.path.join(self.cap_dir, stem + ".txt"), "rb") as f:
             lines = f.read().decode("utf-8").splitlines()
         return {
-            "id": f"urban1k/{stem}",
+            "id": self.record_id(index),
             "image_path": self.image_paths[index],
             "caption": lines[0].strip() if lines else "",
         }

@@ -1,0 +1,221 @@
+"""Training pipeline on small on-disk datasets: shapes, masks, token ids, skip counts, exact
+resume, process sharding, the skip-fraction stop, and worker processes == in-process."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from test_data_sources import caption_for, make_jsonl, make_sharegpt4v, make_urban1k
+
+from beta_clip_jax.data import hierarchy, pipeline, sources, transforms
+from beta_clip_jax.tokenizer import Tokenizer
+
+SIZE = 24
+BAD = {
+    1: "missing_image",
+    4: "corrupt_image",
+    6: "empty_caption",
+    9: "non_text_caption",
+    10: "bad_utf8",
+    13: "missing_image",
+}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer()
+
+
+def config(name, path, image_root=None, **overrides):
+    cfg = pipeline.default_data_config()
+    cfg.name, cfg.path, cfg.image_root = name, path, image_root
+    cfg.max_sentences, cfg.max_phrases = 3, 4
+    cfg.text_length, cfg.phrase_length = 32, 8
+    cfg.max_skip_fraction = 0.5
+    cfg.min_records_for_skip_check = 1
+    cfg.num_threads = 1
+    for k, v in overrides.items():
+        cfg[k] = v
+    return cfg
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def expected_skips(bad_kind, positions, shard, seed, max_attempts=100):
+    """Skip counts the documented replacement rule gives for these stream positions."""
+    first, step, length = shard
+    counts = dict.fromkeys(pipeline.SKIP_REASONS, 0)
+    for pos in positions:
+        index = first + step * (pos % length)
+        for attempt in range(1, max_attempts + 1):
+            if bad_kind(index) is None:
+                break
+            counts[bad_kind(index)] += 1
+            rng = np.random.default_rng([seed, 0x5EED, pos, attempt])
+            index = first + step * int(rng.integers(length))
+    return counts
+
+
+@pytest.mark.parametrize("fmt", ["sharegpt4v", "jsonl", "urban1k"])
+def test_real_layouts_read_back(tmp_path, tok, fmt):
+    root = str(tmp_path)
+    if fmt == "urban1k":  # stems 1..n, index = stem - 1
+        kinds = {i: k for i, k in BAD.items() if k != "non_text_caption"}
+        make_urban1k(root, n=16, bad={i + 1: k for i, k in kinds.items()})
+        cfg, skip = config("urban1k", root), 0
+        caption = lambda i: caption_for(i + 1)
+        image = lambda i: os.path.join(root, "image", f"{i + 1}.jpg")
+    else:
+        make = make_sharegpt4v if fmt == "sharegpt4v" else make_jsonl
+        path, _ = make(root, n=16, bad=BAD)
+        cfg = config(fmt, path, root, skip_first=2 if fmt == "sharegpt4v" else None)
+        skip = 2 if fmt == "sharegpt4v" else 0
+        caption = caption_for
+        image = lambda i: os.path.join(root, f"images/{i:03d}.jpg")
+        kinds = BAD
+    it = pipeline.build_train_iterator(
+        cfg, batch_size_per_process=4, seed=3, image_size=SIZE, tokenizer=tok, training=False,
+        num_epochs=1,
+    )  # fmt: skip
+    batches = list(it)
+    n_good = 16 - skip
+    assert len(batches) == (16 - skip) // 4
+    expected = {}
+    for i in range(skip, 16):
+        if i in kinds:
+            continue
+        h = hierarchy.build_hierarchy(caption(i), np.random.default_rng(0), max_sentences=3,
+                                      max_phrases=4)  # fmt: skip
+        expected[tuple(tok.encode(h.caption, 32)[0])] = (i, h)
+    for b in batches:
+        assert b["image"].shape == (4, SIZE, SIZE, 3) and b["image"].dtype == np.uint8
+        assert b["sentences"].shape == (4, 4, 32) and b["sentences"].dtype == np.int32
+        assert b["phrases"].shape == (4, 4, 8) and b["valid"].shape == (4, 8)
+        assert set(b) == {"image", "sentences", "phrases", "valid"}
+        for row in range(4):
+            i, h = expected[tuple(b["sentences"][row, 0])]  # every row is a good record
+            np.testing.assert_array_equal(b["sentences"][row, 1:3], tok.encode(h.sentences, 32))
+            np.testing.assert_array_equal(b["phrases"][row, : len(h.phrases)],
+                                          tok.encode(h.phrases, 8))  # fmt: skip
+            assert b["valid"][row].tolist() == [True] * 3 + [False] + [True] * 4
+            assert not b["sentences"][row, 3].any()
+            want = transforms.resize_center_crop(sources.load_image(image(i)), SIZE)
+            np.testing.assert_array_equal(b["image"][row], want)
+    positions = range(len(batches) * 4)  # the last partial batch is dropped
+    counts = expected_skips(kinds.get, positions, (skip, 1, n_good), seed=3)
+    m = it.metrics()
+    assert {r: m[f"data/skipped_{r}"] for r in pipeline.SKIP_REASONS} == counts
+    assert m["data/records_seen"] == len(positions) + sum(counts.values())
+    assert counts["missing_image"] >= 1 and counts["corrupt_image"] >= 1
+
+
+def test_precomputed_texts_and_truncation_count(tmp_path, tok):
+    sents = ["a red car", "a tall tree", "a blue sky " * 20]
+    extra = lambda i: {"sentences": sents, "phrases": ["a red car", "tall tree", "the image"]}
+    path, _ = make_jsonl(str(tmp_path), n=4, extra=extra)
+    it = pipeline.build_train_iterator(
+        config("jsonl", path), batch_size_per_process=2, seed=0, image_size=SIZE, tokenizer=tok
+    )
+    b = next(it)
+    for row in range(2):
+        got = {tuple(r) for r in b["sentences"][row, 1:]}
+        assert got == {tuple(r) for r in tok.encode(sents, 32)}  # order is sampled
+        caption = tok.decode(b["sentences"][row, 0])
+        assert caption.startswith(("a red car", "a tall tree", "a blue sky"))
+        np.testing.assert_array_equal(
+            b["phrases"][row, :2], tok.encode(["a red car", "tall tree"], 8)
+        )
+        assert b["valid"][row].tolist() == [True] * 4 + [True, True, False, False]
+    # Long sentence and the caption containing it fill their 32 tokens: 2 per image.
+    assert it.metrics()["data/truncated_texts"] == 4
+
+
+def test_resume_mid_epoch_is_exact(tmp_path, tok):
+    path, _ = make_jsonl(str(tmp_path), n=20, bad={3: "corrupt_image", 7: "missing_image"})
+    cfg = config("jsonl", path, num_threads=2)
+    kw = dict(batch_size_per_process=3, seed=5, image_size=SIZE, tokenizer=tok)
+    it = pipeline.build_train_iterator(cfg, **kw)
+    take(it, 4)
+    state = json.loads(json.dumps(it.get_state()))
+    metrics = it.metrics()
+    rest = take(it, 10)  # crosses epoch boundaries (6 batches per epoch)
+    it2 = pipeline.build_train_iterator(cfg, **kw)
+    it2.set_state(state)
+    assert it2.metrics() == metrics
+    for a, b in zip(rest, take(it2, 10), strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert it2.metrics() == it.metrics()
+    # Epochs are reshuffled and crops redrawn: epoch 2 differs from epoch 1.
+    it3 = pipeline.build_train_iterator(cfg, **kw)
+    e1, e2 = take(it3, 6), take(it3, 6)
+    assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(e1, e2, strict=True))
+
+
+def test_orbax_checkpoint_of_iterator(tmp_path, tok):
+    import grain
+    import orbax.checkpoint as ocp
+
+    cfg = config("synthetic", None)
+    cfg.synthetic.num_train = 16
+    kw = dict(batch_size_per_process=4, seed=1, image_size=SIZE, tokenizer=tok)
+    it = pipeline.build_train_iterator(cfg, **kw)
+    take(it, 3)
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+        mngr.save(3, args=ocp.args.Composite(ds=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+        want = take(it, 2)
+        it2 = pipeline.build_train_iterator(cfg, **kw)
+        mngr.restore(3, args=ocp.args.Composite(ds=grain.checkpoint.CheckpointRestore(it2)))
+    for a, b in zip(want, take(it2, 2), strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["phrases"], b["phrases"])
+
+
+def test_processes_get_disjoint_covering_shards(tmp_path, tok):
+    path, _ = make_jsonl(str(tmp_path), n=17)  # one record left over with 2 processes
+    cfg = config("jsonl", path)
+    seen = []
+    for pi in range(2):
+        it = pipeline.build_train_iterator(
+            cfg, batch_size_per_process=2, seed=0, image_size=SIZE, tokenizer=tok,
+            process_index=pi, process_count=2,
+        )  # fmt: skip
+        # Two sentences (< max_sentences): slot 1 is always the record's first sentence.
+        seen.append([tuple(r) for b in take(it, 4) for r in b["sentences"][:, 1]])
+    assert len(set(seen[0])) == len(set(seen[1])) == 8 and not set(seen[0]) & set(seen[1])
+    firsts = tok.encode([caption_for(i).split(". ")[0] for i in range(17)], 32)
+    everything = {tuple(r) for r in firsts}
+    assert len(set(seen[0]) | set(seen[1])) == 16 and set(seen[0]) | set(seen[1]) <= everything
+
+
+def test_skip_fraction_stops_with_examples(tmp_path, tok):
+    bad = {i: "missing_image" for i in range(0, 12, 2)} | {1: "empty_caption"}
+    path, _ = make_jsonl(str(tmp_path), n=12, bad=bad)
+    cfg = config("jsonl", path, max_skip_fraction=0.2, min_records_for_skip_check=8)
+    it = pipeline.build_train_iterator(
+        cfg, batch_size_per_process=4, seed=0, image_size=SIZE, tokenizer=tok
+    )
+    with pytest.raises(pipeline.DataSkipError, match=r"(?s)unusable.*missing_image.*e\.g\..*jpg"):
+        take(it, 5)
+
+
+def test_worker_processes_match_in_process(tmp_path, tok):
+    path, _ = make_jsonl(str(tmp_path), n=12, bad={2: "corrupt_image"})
+    kw = dict(batch_size_per_process=2, seed=4, image_size=SIZE, tokenizer=tok)
+    ref = pipeline.build_train_iterator(config("jsonl", path), **kw)
+    want = take(ref, 5)
+    it = pipeline.build_train_iterator(config("jsonl", path, num_workers=2), **kw)
+    try:
+        got = take(it, 5)
+        metrics = it.metrics()
+    finally:
+        it.close()
+    for a, b in zip(want, got, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert metrics == ref.metrics()
+    assert metrics["data/records_seen"] == 10 + metrics["data/skipped_corrupt_image"]
