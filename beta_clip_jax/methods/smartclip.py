@@ -29,19 +29,15 @@ Choices of ours where the spec marks the source as unknown or reconstructed:
   `text[..., None, :]`; the block then degenerates to an MLP on the caption embedding.
 """
 
-from collections.abc import Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from beta_clip_jax.models.layers import LayerNorm, logical_init
+
 # A finite "minus infinity" for masked logits: fully masked rows stay finite (they carry zero
 # weight), while in a row with any real entry these underflow to exactly zero probability.
 _NEG = -1e9
-
-
-def _logical(init, names: Sequence[str | None]):
-    return nn.with_logical_partitioning(init, tuple(names))
 
 
 def straight_through_mask(probs: jax.Array) -> jax.Array:
@@ -78,48 +74,49 @@ class MaskHead(nn.Module):
         attn_kw = dict(
             num_heads=self.num_heads,
             dtype=self.dtype,
-            kernel_init=_logical(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
-            out_kernel_init=_logical(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+            kernel_init=logical_init(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
+            out_kernel_init=logical_init(
+                nn.initializers.xavier_uniform(), ("heads", "kv", "embed")
+            ),
         )
-        ln_kw = dict(scale_init=_logical(nn.initializers.ones, ("embed",)))
 
         # One pre-LN transformer block over the caption's tokens.
         pair_mask = nn.make_attention_mask(token_valid, token_valid)
-        y = nn.LayerNorm(name="ln_1", **ln_kw)(x)
+        y = LayerNorm(name="ln_1")(x)
         x = x + nn.MultiHeadDotProductAttention(name="attn", **attn_kw)(y, mask=pair_mask)
-        y = nn.LayerNorm(name="ln_2", **ln_kw)(x)
+        y = LayerNorm(name="ln_2")(x)
         y = nn.Dense(
             int(width * self.mlp_ratio),
             dtype=self.dtype,
             name="mlp_fc",
-            kernel_init=_logical(nn.initializers.lecun_normal(), ("embed", "mlp")),
+            kernel_init=logical_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
         )(y)
         y = nn.Dense(
             width,
             dtype=self.dtype,
             name="mlp_proj",
-            kernel_init=_logical(nn.initializers.lecun_normal(), ("mlp", "embed")),
+            kernel_init=logical_init(nn.initializers.lecun_normal(), ("mlp", "embed")),
         )(nn.gelu(y))
         x = x + y
 
         # Attention pool: one learned query over the real tokens.
         probe = self.param(
-            "probe", _logical(nn.initializers.normal(width**-0.5), (None, "embed")), (1, width)
+            "probe", logical_init(nn.initializers.normal(width**-0.5), (None, "embed")), (1, width)
         )
         query = jnp.broadcast_to(probe, (x.shape[0], 1, width))
         pool_mask = nn.make_attention_mask(jnp.ones((x.shape[0], 1), bool), token_valid)
-        y = nn.LayerNorm(name="ln_pool", **ln_kw)(x)
+        y = LayerNorm(name="ln_pool")(x)
         pooled = nn.MultiHeadDotProductAttention(name="pool", **attn_kw)(query, y, mask=pool_mask)[
             :, 0
         ]
-        pooled = nn.LayerNorm(name="ln_out", **ln_kw)(pooled)
+        pooled = LayerNorm(name="ln_out")(pooled)
 
         # Zero kernel + positive bias: all masks start all-ones (plain CLIP at step 0).
         logits = nn.Dense(
             self.embed_dim,
             name="out",
-            kernel_init=_logical(nn.initializers.zeros, ("embed", None)),
-            bias_init=_logical(nn.initializers.constant(self.init_bias), (None,)),
+            kernel_init=logical_init(nn.initializers.zeros, ("embed", None)),
+            bias_init=logical_init(nn.initializers.constant(self.init_bias), (None,)),
         )(pooled).astype(jnp.float32)
         probs = jax.nn.sigmoid(logits)
         mask = straight_through_mask(probs)
