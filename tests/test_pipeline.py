@@ -210,7 +210,9 @@ def test_worker_processes_match_in_process(tmp_path, tok):
     want = take(ref, 5)
     it = pipeline.build_train_iterator(config("jsonl", path, num_workers=2), **kw)
     try:
-        got = take(it, 5)
+        got = take(it, 3)
+        state = it.get_state()
+        got += take(it, 2)
         metrics = it.metrics()
     finally:
         it.close()
@@ -219,3 +221,10 @@ def test_worker_processes_match_in_process(tmp_path, tok):
             np.testing.assert_array_equal(a[key], b[key])
     assert metrics == ref.metrics()
     assert metrics["data/records_seen"] == 10 + metrics["data/skipped_corrupt_image"]
+    # The state does not depend on the number of workers: resume it in-process.
+    it0 = pipeline.build_train_iterator(config("jsonl", path), **kw)
+    it0.set_state(state)
+    for a, b in zip(want[3:], take(it0, 2), strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["sentences"], b["sentences"])
+    assert it0.metrics() == metrics

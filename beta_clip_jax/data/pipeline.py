@@ -7,10 +7,11 @@
 Every record is a pure function of (seed, epoch, source index): its crop and sentence sample come
 from `np.random.default_rng([seed, epoch, index, attempt])`. A record that cannot be used is
 replaced in the same batch slot by a record drawn from `(seed, position, attempt)`, so batches stay
-full and identical whatever the number of worker processes, and the iterator state (grain's
-position plus our skip counters) restores exactly. Skips travel inside each batch ("_counts",
-"_examples"), so counting is correct with worker processes; `TrainIterator` strips them, keeps
-totals, warns once per reason with an example, and stops past `max_skip_fraction`.
+full and identical whatever the number of worker processes, and the iterator state (the next
+batch index plus the skip totals) restores exactly, even with another number of workers. Skips
+travel inside each batch ("_counts", "_examples"), so counting is correct with worker processes;
+`TrainIterator` strips them, keeps totals, warns once per reason with an example, and stops past
+`max_skip_fraction`.
 """
 
 from __future__ import annotations
@@ -20,19 +21,15 @@ import logging
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 from ml_collections import config_dict
 
 from beta_clip_jax.data import hierarchy, sources, transforms
 
 SKIP_REASONS = (
-    "missing_image",
-    "corrupt_image",
-    "empty_caption",
-    "non_text_caption",
-    "bad_utf8",
-    "no_phrase",
-    "bad_record",
-)
+    "missing_image", "corrupt_image", "empty_caption", "non_text_caption", "bad_utf8",
+    "no_phrase", "bad_record",
+)  # fmt: skip
 # Layout of the per-record "_counts" vector: the skip reasons, then texts that filled their
 # context (truncated or exactly full; counted, not skipped: truncation keeps EOT).
 COUNTERS = (*SKIP_REASONS, "truncated_texts")
@@ -212,24 +209,50 @@ class PositionLoader:
 
 
 class TrainIterator(grain.DatasetIterator):
-    """Grain iterator yielding CONTRACTS.md batches; keeps the skip totals in its state.
+    """Iterator of CONTRACTS.md batches; keeps the skip totals and resumes exactly.
 
-    `get_state`/`set_state` (JSON-able) and grain.checkpoint.CheckpointSave/Restore both work.
-    Counts are this process's; `metrics()` gives them as `data/skipped_<reason>` etc.
+    Its state is the next batch index plus the totals (JSON-able), not grain's reader state, so
+    a run may resume with another num_workers / num_threads. Usable with get_state/set_state and
+    with grain.checkpoint.CheckpointSave/Restore (Orbax). Counts are this process's; `metrics()`
+    gives them as `data/skipped_<reason>` etc. Call `close()` to stop worker processes.
     """
 
-    def __init__(self, parent, *, max_skip_fraction, min_records, log_examples=True):
-        super().__init__(parent)
-        self.max_skip_fraction = float(max_skip_fraction)
-        self.min_records = int(min_records)
+    def __init__(self, batches, data_cfg, log_examples: bool = True):
+        super().__init__()
+        self._batches = batches  # MapDataset of raw batches (with "_counts"/"_examples")
+        self._read = grain.ReadOptions(
+            num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch
+        )
+        self._workers = int(data_cfg.num_workers)
+        self._buffer = int(data_cfg.prefetch)
+        self.max_skip_fraction = float(data_cfg.max_skip_fraction)
+        self.min_records = int(data_cfg.min_records_for_skip_check)
         self.log_examples = log_examples
+        self._inner = None
+        self._next_batch = 0
         self.counts = np.zeros(len(COUNTERS), np.int64)
         self.records_seen = 0
         self.examples: dict[str, list[str]] = {r: [] for r in SKIP_REASONS}
         self._warned: set[str] = set()
 
+    def _start(self):
+        """Reader from batch `_next_batch` on. Workers take every num_workers-th batch and are
+        read round-robin, so the order equals the in-process one."""
+        it_ds = self._batches[self._next_batch :].to_iter_dataset(self._read)
+        if self._workers > 0:
+            _ensure_flags_parsed()
+            it_ds = it_ds.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=self._workers, per_worker_buffer_size=self._buffer
+                )
+            )
+        return iter(it_ds)
+
     def __next__(self) -> dict:
-        batch = next(self._parent)
+        if self._inner is None:
+            self._inner = self._start()
+        batch = next(self._inner)
+        self._next_batch += 1
         counts = batch.pop("_counts").sum(axis=0)
         details = batch.pop("_examples")
         self.counts += counts
@@ -249,11 +272,8 @@ class TrainIterator(grain.DatasetIterator):
         skipped = int(self.counts[: len(SKIP_REASONS)].sum())
         seen = self.records_seen
         if seen >= self.min_records and skipped > self.max_skip_fraction * seen:
-            lines = [
-                f"  {r}: {int(n)}"
-                for r, n in zip(SKIP_REASONS, self.counts[: len(SKIP_REASONS)], strict=True)
-                if n
-            ]
+            counts = zip(SKIP_REASONS, self.counts[: len(SKIP_REASONS)], strict=True)
+            lines = [f"  {r}: {int(n)}" for r, n in counts if n]
             lines += [f"  e.g. {e}" for r in SKIP_REASONS for e in self.examples[r][:3]]
             raise DataSkipError(
                 f"{skipped} of {seen} data records were unusable "
@@ -264,32 +284,33 @@ class TrainIterator(grain.DatasetIterator):
     def metrics(self) -> dict[str, int]:
         """Totals for metrics.jsonl: data/skipped_<reason>, data/truncated_texts,
         data/records_seen (this process's)."""
-        out = {
-            f"data/skipped_{r}": int(n)
-            for r, n in zip(SKIP_REASONS, self.counts[: len(SKIP_REASONS)], strict=True)
-        }
+        counts = zip(SKIP_REASONS, self.counts[: len(SKIP_REASONS)], strict=True)
+        out = {f"data/skipped_{r}": int(n) for r, n in counts}
         out["data/truncated_texts"] = int(self.counts[-1])
         out["data/records_seen"] = int(self.records_seen)
         return out
 
     def get_state(self) -> dict:
         return {
-            "grain": self._parent.get_state(),
+            "next_batch": self._next_batch,
             "counts": [int(n) for n in self.counts],
             "records_seen": int(self.records_seen),
             "examples": {r: list(e) for r, e in self.examples.items()},
         }
 
     def set_state(self, state: dict) -> None:
-        self._parent.set_state(state["grain"])
+        self.close()  # the reader restarts lazily at the restored position
+        self._next_batch = int(state["next_batch"])
         self.counts = np.asarray(state["counts"], np.int64)
         self.records_seen = int(state["records_seen"])
         self.examples = {r: list(state["examples"].get(r, [])) for r in SKIP_REASONS}
 
     def close(self) -> None:
-        close = getattr(self._parent, "close", None)
-        if close is not None:
-            close()
+        if self._inner is not None:
+            close = getattr(self._inner, "close", None)
+            if close is not None:
+                close()
+            self._inner = None
 
 
 def shard_range(num_records, skip_first, max_records, process_index, process_count):
@@ -305,7 +326,7 @@ def shard_range(num_records, skip_first, max_records, process_index, process_cou
     return start + process_index, process_count, length
 
 
-def build_train_dataset(
+def build_batches(
     data_cfg,
     *,
     batch_size_per_process: int,
@@ -316,8 +337,9 @@ def build_train_dataset(
     tokenizer=None,
     training: bool = True,
     num_epochs: int | None = None,
-) -> grain.IterDataset:
-    """The grain IterDataset of raw batches (with "_counts"/"_examples"); see the module doc."""
+) -> grain.MapDataset:
+    """grain MapDataset of raw batches (CONTRACTS.md keys + "_counts" [B, len(COUNTERS)] and
+    "_examples" [B]); see the module doc. Raises before any compile for bad data settings."""
     from beta_clip_jax.tokenizer import Tokenizer
 
     size = data_cfg.image_size or image_size
@@ -329,11 +351,11 @@ def build_train_dataset(
     skip = data_cfg.skip_first
     skip = sources.default_skip_first(data_cfg.name) if skip is None else skip
     shard = shard_range(len(source), skip, data_cfg.max_records, process_index, process_count)
-    if shard[2] < batch_size_per_process:
-        raise ValueError(
-            f"process shard has {shard[2]} records, fewer than one batch ({batch_size_per_process})"
-        )
     first, step, length = shard
+    if length < batch_size_per_process:
+        raise ValueError(
+            f"process shard has {length} records, fewer than one batch ({batch_size_per_process})"
+        )
     ds = grain.MapDataset.range(first, first + step * length, step)
     if training:
         ds = ds.shuffle(seed=seed)
@@ -344,36 +366,35 @@ def build_train_dataset(
     loader = PositionLoader(
         processor, seed=seed, shard=shard, max_attempts=data_cfg.max_replacement_attempts
     )
-    ds = ds.map_with_index(loader).batch(batch_size_per_process, drop_remainder=True)
-    it_ds = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch)
-    )
-    if data_cfg.num_workers > 0:
-        _ensure_flags_parsed()
-        # Workers take every num_workers-th batch and are read round-robin, so the batch order
-        # equals the in-process one.
-        it_ds = it_ds.mp_prefetch(
-            grain.MultiprocessingOptions(
-                num_workers=data_cfg.num_workers, per_worker_buffer_size=data_cfg.prefetch
-            )
-        )
-    return it_ds
+    return ds.map_with_index(loader).batch(batch_size_per_process, drop_remainder=True)
 
 
-def build_train_iterator(data_cfg, **kwargs) -> TrainIterator:
-    """Iterator of CONTRACTS.md batches for this process (keyword arguments as
-    `build_train_dataset`: batch_size_per_process, seed, process_index, process_count,
-    image_size, tokenizer, training, num_epochs). Call `.close()` when done with workers."""
-    return TrainIterator(
-        iter(build_train_dataset(data_cfg, **kwargs)),
-        max_skip_fraction=data_cfg.max_skip_fraction,
-        min_records=data_cfg.min_records_for_skip_check,
-    )
+def build_train_iterator(
+    data_cfg,
+    *,
+    batch_size_per_process: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    image_size: int | None = None,
+    tokenizer=None,
+    training: bool = True,
+    num_epochs: int | None = None,
+) -> TrainIterator:
+    """This process's iterator of CONTRACTS.md batches (`data_cfg` = config.data).
+
+    image_size: the model's, used when data.image_size is None. training=False: centre crops, no
+    shuffle. num_epochs=None repeats forever.
+    """
+    batches = build_batches(
+        data_cfg, batch_size_per_process=batch_size_per_process, seed=seed,
+        process_index=process_index, process_count=process_count, image_size=image_size,
+        tokenizer=tokenizer, training=training, num_epochs=num_epochs,
+    )  # fmt: skip
+    return TrainIterator(batches, data_cfg)
 
 
 def _ensure_flags_parsed():
     """grain workers read absl flags; outside `app.run` (tests, notebooks) use their defaults."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()

@@ -91,9 +91,9 @@ class _OffsetFile:
         start, end = int(self.starts[index]), int(self.ends[index])
         return os.pread(self._fd, end - start, start)
 
-    def __del__(self):
+    def __del__(self, _close=os.close):  # bound early: `os` may be gone at interpreter exit
         if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+            _close(self._fd)
 
 
 def _json_array_offsets(path: str) -> tuple[np.ndarray, np.ndarray]:

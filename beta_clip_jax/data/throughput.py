@@ -1,0 +1,137 @@
+"""Data-pipeline throughput: images/s and images per CPU-second for real JPEGs and synthetic scenes.
+
+    python -m beta_clip_jax.data.throughput [--path=train.jsonl --image_root=DIR] \
+        [--num_workers=0] [--num_threads=2] [--batch_size=32] [--batches=20] [--image_size=224]
+
+Without --path it writes `--num_images` JPEGs of `--image_hw` (random smooth texture + noise, so
+file sizes are photo-like) and long multi-sentence captions to a temp dir. The real path is decode +
+RandomResizedCrop + caption hierarchy (fallback phrases unless the JSONL has them) + tokenising
+1 + 5 + 30 texts. Prints one JSON object. Per-core numbers divide by the CPU seconds of this
+process and its workers, so they do not depend on how many cores the machine has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import psutil
+from absl import app, flags
+from PIL import Image
+
+from beta_clip_jax.data import pipeline
+
+_PATH = flags.DEFINE_string("path", None, "JSONL to read (default: generate JPEGs in a temp dir).")
+_IMAGE_ROOT = flags.DEFINE_string("image_root", None, "Image root for --path.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 128, "Generated images.")
+_IMAGE_HW = flags.DEFINE_list("image_hw", ["480", "640"], "Generated image height,width.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Output crop size.")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Batch size.")
+_BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches (after warm-up batches).")
+_WORKERS = flags.DEFINE_integer("num_workers", 0, "grain worker processes.")
+_THREADS = flags.DEFINE_integer("num_threads", 2, "Batches built concurrently per process.")
+_DRAFT = flags.DEFINE_bool("jpeg_draft", True, "JPEG DCT-domain downscale before cropping.")
+_SYNTHETIC = flags.DEFINE_bool("synthetic", True, "Also time the synthetic scenes.")
+
+_WORDS = {
+    "adj": "red blue green small large wooden metal bright dark old modern tall narrow busy quiet "
+    "shiny striped white black yellow rusty colorful distant".split(),
+    "noun": "car tree building street woman man dog bench lamp window sky cloud bicycle sign "
+    "table chair boat river bridge mountain flower cup book shop".split(),
+    "prep": "next to|in front of|behind|on the left of|near|above|beside|under".split("|"),
+    "verb": "is parked|stands|is placed|rests|is visible|appears".split("|"),
+}
+
+
+def _sentence(rng) -> str:
+    w = {k: v[int(rng.integers(len(v)))] for k, v in _WORDS.items()}
+    adj2 = _WORDS["adj"][int(rng.integers(len(_WORDS["adj"])))]
+    noun2 = _WORDS["noun"][int(rng.integers(len(_WORDS["noun"])))]
+    return f"A {w['adj']} {w['noun']} {w['verb']} {w['prep']} the {adj2} {noun2}"
+
+
+def write_dataset(root: str, n: int, hw: tuple[int, int], seed: int = 0) -> str:
+    """n JPEGs + a JSONL of 8-sentence captions (~100 words, like ShareGPT4V); returns the path."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    path = os.path.join(root, "data.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            coarse = rng.integers(0, 255, (hw[0] // 32 + 1, hw[1] // 32 + 1, 3), dtype=np.uint8)
+            img = np.asarray(Image.fromarray(coarse).resize(hw[::-1], Image.BICUBIC), np.int16)
+            img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(os.path.join(root, f"images/{i}.jpg"), quality=90)
+            caption = ". ".join(_sentence(rng) for _ in range(8)) + "."
+            f.write(json.dumps({"image": f"images/{i}.jpg", "caption": caption}) + "\n")
+    return path
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def measure(cfg, batch_size: int, batches: int, image_size: int) -> dict:
+    """Time `batches` batches after warm-up ones (worker start-up, tokenizer cache)."""
+    it = pipeline.build_train_iterator(
+        cfg, batch_size_per_process=batch_size, seed=0, image_size=image_size
+    )
+    proc = psutil.Process()
+    try:
+        for _ in range(2 * max(1, cfg.num_workers)):  # every worker started and warm
+            next(it)
+        cpu0, t0 = _cpu_seconds(proc), time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        wall, cpu = time.perf_counter() - t0, _cpu_seconds(proc) - cpu0
+    finally:
+        it.close()
+    images = batches * batch_size
+    return {
+        "images_per_sec": round(images / wall, 1),
+        "images_per_cpu_sec": round(images / max(cpu, 1e-9), 1),
+        "cpu_cores_busy": round(cpu / wall, 2),
+        "skipped": sum(v for k, v in it.metrics().items() if k.startswith("data/skipped")),
+    }
+
+
+def main(argv):
+    del argv
+    cfg = pipeline.default_data_config()
+    cfg.num_workers, cfg.num_threads, cfg.jpeg_draft = _WORKERS.value, _THREADS.value, _DRAFT.value
+    cfg.max_skip_fraction = 1.0
+    out = {
+        "cpu_count": len(os.sched_getaffinity(0)),
+        "num_workers": cfg.num_workers,
+        "num_threads": cfg.num_threads,
+        "batch_size": _BATCH.value,
+        "image_size": _IMAGE_SIZE.value,
+        "texts_per_image": 1 + cfg.max_sentences + cfg.max_phrases,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        real = cfg.copy_and_resolve_references()
+        real.name = "jsonl"
+        if _PATH.value:
+            real.path, real.image_root = _PATH.value, _IMAGE_ROOT.value
+            out["real_source"] = _PATH.value
+        else:
+            hw = tuple(int(x) for x in _IMAGE_HW.value)
+            real.path = write_dataset(tmp, _NUM_IMAGES.value, hw)
+            out["real_source"] = f"{_NUM_IMAGES.value} generated {hw[0]}x{hw[1]} JPEGs"
+        out["real"] = measure(real, _BATCH.value, _BATCHES.value, _IMAGE_SIZE.value)
+    if _SYNTHETIC.value:
+        out["synthetic"] = measure(cfg, _BATCH.value, _BATCHES.value, _IMAGE_SIZE.value)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)
