@@ -1,0 +1,175 @@
+"""Transformer pieces shared by both towers: LayerNorm, residual block, stacked (scanned) layers.
+
+Layout follows OpenAI CLIP (pre-LN residual blocks, MHA with biases, QuickGELU MLP of 4x width) so
+that pretrained weights map tensor for tensor. Parameters carry logical axis names; the stacked
+layers carry an extra leading "layers" axis whether they are scanned or unrolled, so checkpoints do
+not depend on `scan_layers`.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LN_EPS = 1e-5
+_F32 = jnp.float32
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's activation x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def logical_init(init, axes: tuple[str | None, ...]):
+    """An initialiser whose parameter carries logical axis names for the sharding rules."""
+    return nn.with_logical_partitioning(init, axes)
+
+
+def remat_policy(remat: str):
+    """(use_remat, policy) for the config's remat option; "dots" keeps matmul outputs."""
+    if remat == "none":
+        return False, None
+    if remat == "full":
+        return True, None
+    if remat == "dots":
+        return True, jax.checkpoint_policies.checkpoint_dots
+    raise ValueError(f"remat must be 'none', 'full' or 'dots', got {remat!r}")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with eps 1e-5, computed in float32 whatever the input dtype."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        e = x.shape[-1]
+        scale = self.param("scale", logical_init(nn.initializers.ones_init(), ("embed",)), (e,))
+        bias = self.param("bias", logical_init(nn.initializers.zeros_init(), ("embed",)), (e,))
+        x = x.astype(_F32)
+        mu = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mu).mean(-1, keepdims=True)
+        return (x - mu) * jax.lax.rsqrt(var + LN_EPS) * scale + bias
+
+
+def _heads_proj(name: str, heads: int, head_dim: int, dtype, std: float) -> nn.DenseGeneral:
+    """q/k/v projection [E] -> [H, Dh]; head h owns features h*Dh:(h+1)*Dh as in PyTorch."""
+    return nn.DenseGeneral(
+        (heads, head_dim),
+        dtype=dtype,
+        param_dtype=_F32,
+        kernel_init=logical_init(nn.initializers.normal(std), ("embed", "heads", "kv")),
+        bias_init=logical_init(nn.initializers.zeros_init(), ("heads", "kv")),
+        name=name,
+    )
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LN block: x + MHA(LN1 x), then + MLP(LN2 x).
+
+    mode "full": bidirectional attention (vision); "causal": text; "mixed": beta-CLIP's last
+    vision block, where row 0 (CLS) attends to all tokens and every other row takes the value-only
+    path a_p = W_o (W_v u_p + b_v) + b_o (no token mixing), so patch tokens stay local.
+    With `carry=True` the call signature is (x, _) -> (x, None), the form nn.scan wants.
+    """
+
+    width: int
+    heads: int
+    mode: str = "full"
+    dtype: Any = _F32
+    carry: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: Any = None):
+        e, h, cd = self.width, self.heads, self.dtype
+        dh = e // h
+        std = e**-0.5
+
+        y = LayerNorm(name="ln_1")(x)
+        q = _heads_proj("query", h, dh, cd, std)(y)
+        k = _heads_proj("key", h, dh, cd, std)(y)
+        v = _heads_proj("value", h, dh, cd, std)(y)
+        if self.mode == "mixed":
+            # Only the CLS query needs real attention; patch rows are their own values.
+            cls_ctx = jax.nn.dot_product_attention(q[:, :1], k, v)
+            ctx = jnp.concatenate([cls_ctx, v[:, 1:]], axis=1)
+        elif self.mode in ("full", "causal"):
+            ctx = jax.nn.dot_product_attention(q, k, v, is_causal=self.mode == "causal")
+        else:
+            raise ValueError(f"unknown block mode {self.mode!r}")
+        o = nn.DenseGeneral(
+            e,
+            axis=(-2, -1),
+            dtype=cd,
+            param_dtype=_F32,
+            kernel_init=logical_init(nn.initializers.normal(std), ("heads", "kv", "embed")),
+            bias_init=logical_init(nn.initializers.zeros_init(), ("embed",)),
+            name="out",
+        )(ctx)
+        x = x + o.astype(_F32)
+
+        y = LayerNorm(name="ln_2")(x)
+        y = nn.Dense(
+            4 * e,
+            dtype=cd,
+            param_dtype=_F32,
+            kernel_init=logical_init(nn.initializers.normal((2 * e) ** -0.5), ("embed", "mlp")),
+            bias_init=logical_init(nn.initializers.zeros_init(), ("mlp",)),
+            name="fc1",
+        )(y)
+        y = nn.Dense(
+            e,
+            dtype=cd,
+            param_dtype=_F32,
+            kernel_init=logical_init(nn.initializers.normal(std), ("mlp", "embed")),
+            bias_init=logical_init(nn.initializers.zeros_init(), ("embed",)),
+            name="fc2",
+        )(quick_gelu(y))
+        x = x + y.astype(_F32)
+        x = nn.with_logical_constraint(x, ("batch", "length", None))
+        return (x, None) if self.carry else x
+
+
+def block_stack(
+    num_layers: int,
+    width: int,
+    heads: int,
+    *,
+    mode: str,
+    dtype: Any,
+    scan_layers: bool,
+    remat: str,
+    name: str = "blocks",
+):
+    """`num_layers` residual blocks with parameters stacked on a leading "layers" axis.
+
+    Always built with nn.scan so the parameter tree is the same in both modes; scan_layers=False
+    unrolls the loop fully (no while loop in the compiled program), which can be faster to run
+    and slower to compile. Returns a module called as `x, _ = stack(x, None)`.
+    """
+    block_cls = ResidualBlock
+    use_remat, policy = remat_policy(remat)
+    if use_remat:
+        # prevent_cse is unnecessary under scan and blocks optimisations there.
+        block_cls = nn.remat(ResidualBlock, policy=policy, prevent_cse=not scan_layers)
+    scanned = nn.scan(
+        block_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=nn.broadcast,
+        length=num_layers,
+        unroll=1 if scan_layers else num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(width=width, heads=heads, mode=mode, dtype=dtype, carry=True, name=name)
+
+
+def dense_proj(features: int, dtype: Any, std: float, name: str) -> nn.Dense:
+    """Bias-free projection into the joint embedding space (OpenAI's visual.proj / text_proj)."""
+    return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=_F32,
+        kernel_init=logical_init(nn.initializers.normal(std), ("embed", None)),
+        name=name,
+    )

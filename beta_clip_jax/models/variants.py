@@ -1,0 +1,142 @@
+"""Model shapes by name, and the resolution of `config.model` into one complete ConfigDict.
+
+A run names a variant ("B/16") and may override single fields; every consumer (model, converters,
+export, benchmarks) reads the resolved ConfigDict, so the shapes are decided in one place.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+# Fields that fix parameter shapes; checkpoints must agree on all of them.
+SHAPE_FIELDS = (
+    "image_size",
+    "patch_size",
+    "vision_width",
+    "vision_layers",
+    "vision_heads",
+    "text_width",
+    "text_layers",
+    "text_heads",
+    "vocab_size",
+    "context_length",
+    "embed_dim",
+    "pooler_heads",
+)
+
+# Options that change computation but not parameters.
+OPTION_DEFAULTS = {
+    "dtype": "float32",  # compute dtype of matmuls; parameters are always float32
+    "scan_layers": True,  # nn.scan over the stacked layers (False unrolls; same param tree)
+    "remat": "none",  # "none" | "full" | "dots"
+    "frozen_positions": 20,  # leading text positions kept fixed (Long-CLIP stretching)
+}
+
+_TABLE_COLUMNS = SHAPE_FIELDS[:8] + ("embed_dim", "pooler_heads")
+
+# fmt: off
+# OpenAI CLIP shapes; pooler heads follow the beta-CLIP reference (8 for B and L).
+#          image patch v_width v_layers v_heads t_width t_layers t_heads embed pooler_heads
+_TABLE = {
+    "B/32":     (224, 32,   768, 12, 12,  512, 12,  8,  512, 8),
+    "B/16":     (224, 16,   768, 12, 12,  512, 12,  8,  512, 8),
+    "L/14":     (224, 14,  1024, 24, 16,  768, 12, 12,  768, 8),
+    "L/14-336": (336, 14,  1024, 24, 16,  768, 12, 12,  768, 8),
+    # Test and demo sizes: compile and run in about a second on one CPU core.
+    "tiny":     (32,   8,    64,  2,  2,   64,  2,  2,   32, 4),
+    "tiny-b16": (64,  16,    64,  2,  2,   64,  2,  2,   32, 4),
+}
+# fmt: on
+VARIANTS: dict[str, dict[str, Any]] = {
+    name: {
+        **dict(zip(_TABLE_COLUMNS, row, strict=True)),
+        "vocab_size": 49408,
+        "context_length": 248,
+    }
+    for name, row in _TABLE.items()
+}
+
+ALL_FIELDS = ("variant",) + SHAPE_FIELDS + tuple(OPTION_DEFAULTS)
+_DTYPES = ("float32", "bfloat16")
+_REMAT = ("none", "full", "dots")
+
+
+def _unknown_variant(name: str) -> ValueError:
+    return ValueError(f"unknown model variant {name!r}; known variants: {', '.join(VARIANTS)}")
+
+
+def model_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """The complete model config of a named variant; overrides of None keep the variant's value."""
+    if variant not in VARIANTS:
+        raise _unknown_variant(variant)
+    return resolve_model_config({"variant": variant, **overrides})
+
+
+# The name docs/CONTRACTS.md uses.
+model_config_for = model_config
+
+
+def resolve_model_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict):
+    """Turns `config.model` (a variant plus optional overrides, None = keep) into a full config.
+
+    A config whose variant is not in VARIANTS is accepted when it sets every shape field itself
+    (for example one derived from a checkpoint), so resolving is idempotent.
+    """
+    items = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+    unknown = sorted(set(items) - set(ALL_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown model config fields {unknown}; allowed: {list(ALL_FIELDS)}")
+    name = items.get("variant")
+    if name in VARIANTS:
+        base = dict(VARIANTS[name])
+    else:
+        missing = [f for f in SHAPE_FIELDS if items.get(f) is None]
+        if missing:
+            if name is None:
+                raise ValueError(f"config.model needs a variant; known variants: {list(VARIANTS)}")
+            raise _unknown_variant(str(name))
+        base = {}
+    base.update(OPTION_DEFAULTS)
+    base.update({k: v for k, v in items.items() if v is not None})
+    base["variant"] = name
+    out = ml_collections.ConfigDict({f: base[f] for f in ALL_FIELDS})
+    _validate(out)
+    return out
+
+
+def _validate(c: ml_collections.ConfigDict) -> None:
+    """Rejects shapes that cannot build, naming the numbers, before anything compiles."""
+    errors = []
+    if c.dtype not in _DTYPES:
+        errors.append(f"dtype={c.dtype!r} (allowed {_DTYPES})")
+    if c.remat not in _REMAT:
+        errors.append(f"remat={c.remat!r} (allowed {_REMAT})")
+    if c.image_size % c.patch_size:
+        errors.append(f"image_size={c.image_size} is not a multiple of patch_size={c.patch_size}")
+    for tower in ("vision", "text"):
+        w, h = c[f"{tower}_width"], c[f"{tower}_heads"]
+        if w % h:
+            errors.append(f"{tower}_width={w} is not divisible by {tower}_heads={h}")
+    if c.embed_dim % c.pooler_heads:
+        errors.append(f"embed_dim={c.embed_dim} is not divisible by pooler_heads={c.pooler_heads}")
+    if c.vision_layers < 1:
+        errors.append(f"vision_layers={c.vision_layers} (the mixed last block needs at least 1)")
+    if not 0 <= c.frozen_positions <= c.context_length:
+        errors.append(f"frozen_positions={c.frozen_positions} outside [0, {c.context_length}]")
+    if errors:
+        raise ValueError("invalid model config: " + "; ".join(errors))
+
+
+def num_patches(c: ml_collections.ConfigDict) -> int:
+    """Patch tokens per image (without CLS)."""
+    return (c.image_size // c.patch_size) ** 2
+
+
+def match_variant(shapes: Mapping[str, Any]) -> str | None:
+    """Name of the variant whose tower shapes equal `shapes` (text context and vocab ignored)."""
+    keys = [f for f in SHAPE_FIELDS if f not in ("context_length", "vocab_size", "pooler_heads")]
+    for name, v in VARIANTS.items():
+        if all(shapes.get(k) == v[k] for k in keys):
+            return name
+    return None
