@@ -120,6 +120,7 @@ def test_load_image(tmp_path):
     with open(tmp_path / "a.jpg", "rb") as f:
         np.testing.assert_array_equal(sources.load_image(f.read()), img)
     np.testing.assert_array_equal(sources.load_image(img[..., 0]), np.repeat(img[..., :1], 3, -1))
+    np.testing.assert_array_equal(sources.load_image(img[..., :1]), np.repeat(img[..., :1], 3, -1))
     with pytest.raises(FileNotFoundError):
         sources.load_image(str(tmp_path / "missing.jpg"))
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")

@@ -41,7 +41,9 @@ def open_image(src, draft_size: int | None = None) -> Image.Image:
             raise CorruptImageError(
                 f"expected a uint8 HW or HWC array, got {src.dtype} {src.shape}"
             )
-        return Image.fromarray(src).convert("RGB")
+        return Image.fromarray(
+            src[..., 0] if src.ndim == 3 and src.shape[-1] == 1 else src
+        ).convert("RGB")
     name = src if isinstance(src, str | os.PathLike) else "<bytes>"
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:

@@ -22,7 +22,7 @@ import psutil
 from absl import app, flags
 from PIL import Image
 
-from beta_clip_jax.data import pipeline
+from beta_clip_jax.data import hierarchy, pipeline
 
 _PATH = flags.DEFINE_string("path", None, "JSONL to read (default: generate JPEGs in a temp dir).")
 _IMAGE_ROOT = flags.DEFINE_string("image_root", None, "Image root for --path.")
@@ -35,6 +35,9 @@ _WORKERS = flags.DEFINE_integer("num_workers", 0, "grain worker processes.")
 _THREADS = flags.DEFINE_integer("num_threads", 2, "Batches built concurrently per process.")
 _DRAFT = flags.DEFINE_bool("jpeg_draft", True, "JPEG DCT-domain downscale before cropping.")
 _SYNTHETIC = flags.DEFINE_bool("synthetic", True, "Also time the synthetic scenes.")
+_PREPARED = flags.DEFINE_bool(
+    "prepared", False, "Generated JSONL carries sentences + phrases (as data/prepare.py writes)."
+)
 
 _WORDS = {
     "adj": "red blue green small large wooden metal bright dark old modern tall narrow busy quiet "
@@ -53,8 +56,9 @@ def _sentence(rng) -> str:
     return f"A {w['adj']} {w['noun']} {w['verb']} {w['prep']} the {adj2} {noun2}"
 
 
-def write_dataset(root: str, n: int, hw: tuple[int, int], seed: int = 0) -> str:
-    """n JPEGs + a JSONL of 8-sentence captions (~100 words, like ShareGPT4V); returns the path."""
+def write_dataset(root: str, n: int, hw: tuple[int, int], seed: int = 0, prepared=False) -> str:
+    """n JPEGs + a JSONL of 8-sentence captions (~100 words); `prepared`: with sentences and
+    fallback phrases precomputed. Returns the JSONL path."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     path = os.path.join(root, "data.jsonl")
@@ -65,7 +69,11 @@ def write_dataset(root: str, n: int, hw: tuple[int, int], seed: int = 0) -> str:
             img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(os.path.join(root, f"images/{i}.jpg"), quality=90)
             caption = ". ".join(_sentence(rng) for _ in range(8)) + "."
-            f.write(json.dumps({"image": f"images/{i}.jpg", "caption": caption}) + "\n")
+            rec = {"image": f"images/{i}.jpg", "caption": caption}
+            if prepared:
+                rec["sentences"] = hierarchy.split_sentences(hierarchy.dedupe_caption(caption))
+                rec["phrases"] = hierarchy.extract_phrases_fallback(caption)
+            f.write(json.dumps(rec) + "\n")
     return path
 
 
@@ -125,8 +133,10 @@ def main(argv):
             out["real_source"] = _PATH.value
         else:
             hw = tuple(int(x) for x in _IMAGE_HW.value)
-            real.path = write_dataset(tmp, _NUM_IMAGES.value, hw)
-            out["real_source"] = f"{_NUM_IMAGES.value} generated {hw[0]}x{hw[1]} JPEGs"
+            real.path = write_dataset(tmp, _NUM_IMAGES.value, hw, prepared=_PREPARED.value)
+            out["real_source"] = f"{_NUM_IMAGES.value} generated {hw[0]}x{hw[1]} JPEGs" + (
+                ", precomputed sentences + phrases" if _PREPARED.value else ""
+            )
         out["real"] = measure(real, _BATCH.value, _BATCHES.value, _IMAGE_SIZE.value)
     if _SYNTHETIC.value:
         out["synthetic"] = measure(cfg, _BATCH.value, _BATCHES.value, _IMAGE_SIZE.value)
