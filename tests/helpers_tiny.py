@@ -5,11 +5,16 @@ converters, so a test can compare our JAX outputs against them. Import from test
 `from helpers_tiny import ...` (pytest puts tests/ on sys.path).
 """
 
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import CLIPConfig, CLIPModel
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel
 
 SOT, EOT = 49406, 49407
 
@@ -33,8 +38,10 @@ B16 = dict(
 # fmt: on
 
 
-def clip_config(layout: dict = TINY, **text_overrides) -> CLIPConfig:
+def clip_config(layout: dict = TINY, **text_overrides):
     """A transformers CLIPConfig for one of the layouts above."""
+    from transformers import CLIPConfig
+
     text = {**layout["text"], **text_overrides}
     return CLIPConfig(
         text_config=text,
@@ -46,6 +53,8 @@ def clip_config(layout: dict = TINY, **text_overrides) -> CLIPConfig:
 def make_hf_model(layout: dict = TINY, seed: int = 0, **text_overrides) -> CLIPModel:
     """A random CLIPModel in eval mode; every tensor gets noise so that zero biases and unit
     LayerNorm scales cannot hide a mapping error."""
+    from transformers import CLIPModel
+
     torch.manual_seed(seed)
     model = CLIPModel(clip_config(layout, **text_overrides)).eval()
     gen = torch.Generator().manual_seed(seed + 1)
@@ -133,7 +142,11 @@ def save_openai_torchscript(model: CLIPModel, path: str) -> str:
             node = getattr(node, p)
         value = value.half() if value.is_floating_point() else value
         node.register_buffer(leaf, value)
-    torch.jit.script(root).save(path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated
+        torch.jit.script(root).save(path)
     return path
 
 

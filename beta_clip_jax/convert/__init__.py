@@ -1,0 +1,202 @@
+"""Pretrained weights in and out: `load_pretrained("hf:DIR" | "openai:FILE.pt" | WORKDIR, cfg)`.
+
+Sources, in the order a bare path is tried:
+- a workdir of ours (has `checkpoints/`): handed to `beta_clip_jax.checkpoint`;
+- a Hugging Face CLIP directory (`config.json` + weights), optionally an export of ours with
+  `beta_clip_pooler.safetensors` (keys: flax paths joined by "/", e.g. "pooler/query/kernel") and
+  `beta_clip_meta.json` (its "model" entry: our model config fields);
+- an OpenAI `.pt` file.
+Parameters the source does not hold (the pooler, for plain CLIP weights) keep a fresh
+initialisation; their names are returned by `import_pretrained` and logged by `load_pretrained`.
+"""
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from beta_clip_jax.convert.hf import (
+    hf_config_from_variant,
+    read_hf_dir,
+    read_safetensors,
+    variant_from_hf_config,
+    write_hf_dir,
+)
+from beta_clip_jax.convert.names import (
+    check_state_dict,
+    flax_to_hf_state_dict,
+    hf_state_dict_to_flax,
+)
+from beta_clip_jax.convert.openai import (
+    openai_to_hf_state_dict,
+    read_openai_state_dict,
+    variant_from_openai_state_dict,
+)
+from beta_clip_jax.convert.positions import adapt_text_positions, stretch_positions
+from beta_clip_jax.models.variants import ALL_FIELDS, resolve_model_config
+
+__all__ = [
+    "POOLER_FILE",
+    "META_FILE",
+    "check_state_dict",
+    "flax_to_hf_state_dict",
+    "hf_config_from_variant",
+    "hf_state_dict_to_flax",
+    "import_pretrained",
+    "load_pretrained",
+    "parse_spec",
+    "read_hf_dir",
+    "stretch_positions",
+    "variant_from_hf_config",
+    "write_hf_dir",
+]
+
+POOLER_FILE = "beta_clip_pooler.safetensors"
+META_FILE = "beta_clip_meta.json"
+# Rows of the 77-row table that Long-CLIP stretching keeps as they are (spec 1.3).
+STRETCH_KEEP = 20
+
+_log = logging.getLogger(__name__)
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """("hf" | "openai" | "workdir", path) for an init spec; a bare path is classified by what
+    it holds."""
+    for kind in ("hf", "openai", "workdir"):
+        if spec.startswith(kind + ":"):
+            return kind, spec[len(kind) + 1 :]
+    if os.path.isdir(os.path.join(spec, "checkpoints")):
+        return "workdir", spec
+    if os.path.isdir(spec):
+        return "hf", spec
+    if spec.endswith(".pt") or os.path.isfile(spec):
+        return "openai", spec
+    raise FileNotFoundError(
+        f"no weights at {spec!r}: expected 'hf:DIR' (a Hugging Face CLIP directory), "
+        "'openai:FILE.pt' (an OpenAI CLIP checkpoint) or a workdir with checkpoints/"
+    )
+
+
+def _from_workdir(path: str, step=None):
+    try:
+        from beta_clip_jax.checkpoint import load_params_from_workdir
+    except ImportError as e:
+        raise NotImplementedError(
+            f"reading workdir {path} needs beta_clip_jax.checkpoint.load_params_from_workdir"
+        ) from e
+    # It returns (params, model config, step); the step is of no use to an import.
+    params, cfg, *_ = load_params_from_workdir(path, step=step)
+    return params, cfg
+
+
+def _cfg_dict(cfg) -> dict:
+    return dict(cfg.items())
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}/{k}" if prefix else k
+        out.update(_flatten(v, name) if isinstance(v, dict) else {name: v})
+    return out
+
+
+def _unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for name, v in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+def _init_pooler(model, cfg, rng) -> dict:
+    e = cfg.embed_dim
+    dummy = jnp.zeros((1, 1, e), jnp.float32)
+    init = jax.jit(lambda r: model.init(r, dummy, dummy, method="pool"))
+    tree = init(rng)["params"]["pooler"]
+    return jax.tree_util.tree_map(np.asarray, _unbox(tree))
+
+
+def _unbox(tree):
+    import flax.linen as nn
+
+    return nn.unbox(tree)
+
+
+def _check_pooler(flat: dict, model) -> None:
+    from beta_clip_jax.models.clip import param_shapes
+
+    want = {k: tuple(v.shape) for k, v in _flatten(param_shapes(model)["pooler"]).items()}
+    got = {k: tuple(np.shape(v)) for k, v in flat.items()}
+    differ = sorted(k for k in set(want) | set(got) if got.get(k) != want.get(k))
+    bad = [f"pooler/{k}: file {got.get(k)} vs model {want.get(k)}" for k in differ]
+    if bad:
+        raise ValueError(f"{POOLER_FILE} does not fit the model: " + "; ".join(bad))
+
+
+def import_pretrained(spec: str, model_cfg=None, *, rng=None, step=None):
+    """(params, model_cfg, not_provided): numpy params for `model_cfg` (default: the checkpoint's
+    own shapes), with the names of the parameters that were freshly initialised.
+
+    A model context of 248 with a 77-position checkpoint stretches the positional table; any
+    other difference in shapes is a ValueError naming every tensor that differs.
+    """
+    from beta_clip_jax.models.clip import build_model
+
+    kind, path = parse_spec(spec)
+    if kind == "workdir":
+        params, cfg = _from_workdir(path, step)
+        return params, cfg, []
+    pooler_flat = None
+    if kind == "hf":
+        state, config_json = read_hf_dir(path)
+        ckpt_cfg = _cfg_dict(variant_from_hf_config(config_json))
+        meta_path = os.path.join(path, META_FILE)
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                meta_model = json.load(f).get("model") or {}
+            ckpt_cfg.update({k: v for k, v in meta_model.items() if k in ALL_FIELDS})
+        pooler_path = os.path.join(path, POOLER_FILE)
+        if os.path.isfile(pooler_path):
+            flat = read_safetensors(pooler_path)
+            pooler_flat = {k.removeprefix("pooler/"): v for k, v in flat.items()}
+    else:
+        raw = read_openai_state_dict(path)
+        heads = None
+        if model_cfg is not None:
+            given = resolve_model_config(model_cfg)
+            heads = (given.vision_heads, given.text_heads)
+        ckpt_cfg = _cfg_dict(variant_from_openai_state_dict(raw, heads))
+        state = openai_to_hf_state_dict(raw)
+
+    cfg = resolve_model_config(ckpt_cfg if model_cfg is None else model_cfg)
+    state = adapt_text_positions(state, cfg.context_length, keep=STRETCH_KEEP)
+    params = hf_state_dict_to_flax(state, cfg)
+
+    model = build_model(cfg)
+    not_provided = []
+    if pooler_flat is not None:
+        _check_pooler(pooler_flat, model)
+        params["pooler"] = _unflatten(
+            {k: np.asarray(v, np.float32) for k, v in pooler_flat.items()}
+        )
+    else:
+        rng = jax.random.key(0) if rng is None else rng
+        params["pooler"] = _init_pooler(model, cfg, rng)
+        not_provided = sorted(f"pooler/{k}" for k in _flatten(params["pooler"]))
+    return params, cfg, not_provided
+
+
+def load_pretrained(spec: str, model_cfg=None, *, rng=None, step=None):
+    """(params, model_cfg) for `config.init`; logs which parameters were freshly initialised."""
+    params, cfg, not_provided = import_pretrained(spec, model_cfg, rng=rng, step=step)
+    if not_provided:
+        _log.info("%s does not provide %s; they keep their initialisation", spec, not_provided)
+    return params, ml_collections.ConfigDict(cfg)
