@@ -1,0 +1,164 @@
+"""Inference API: `load(path)` -> Encoder with image, text, dense and text-conditioned embeddings.
+
+Inputs are batched internally at a fixed batch size (the last batch padded) so each function
+compiles once per shape. Images at the model's resolution go in as they are; others are resized
+(bicubic, shortest side) and centre-cropped as in CLIP evaluation.
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from beta_clip_jax.convert import import_pretrained, parse_spec
+from beta_clip_jax.models.clip import BetaCLIP, build_model, normalize_images
+
+_log = logging.getLogger(__name__)
+
+# Text lengths are trimmed to the smallest of these that holds the batch (then the context
+# length): exact under causal attention with EOT pooling, and it bounds the number of compiles.
+_TEXT_BUCKETS = (16, 32, 64, 128)
+
+
+def _l2(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> [size, size, 3]: bicubic resize of the shortest side, centre crop."""
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    short, long = min(h, w), max(h, w)
+    new_long = int(size * long / short)  # the torchvision Resize(size) rule CLIP evaluation uses
+    new_h, new_w = (size, new_long) if h <= w else (new_long, size)
+    img = Image.fromarray(image).resize((new_w, new_h), Image.BICUBIC)
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+class Encoder:
+    """Embeds images and texts with one BetaCLIP model; all outputs are numpy float32."""
+
+    def __init__(self, model: BetaCLIP, params, tokenizer=None, *, batch_size: int = 32):
+        self.model = model
+        self.params = params
+        self.batch_size = batch_size
+        self._tokenizer = tokenizer
+        cfg = model.config
+        self.image_size = int(cfg.image_size)
+        self.context_length = int(cfg.context_length)
+        self._grid = cfg.image_size // cfg.patch_size
+
+        def encode(p, images):
+            cls, patches = model.apply(
+                {"params": p}, normalize_images(images), method="encode_image"
+            )
+            return _l2(cls), _l2(patches)
+
+        def encode_text(p, tokens):
+            return _l2(model.apply({"params": p}, tokens, method="encode_text"))
+
+        def pool(p, images, tokens):
+            _, patches = model.apply({"params": p}, normalize_images(images), method="encode_image")
+            text = model.apply({"params": p}, tokens, method="encode_text")
+            pooled, attn = model.apply({"params": p}, text[:, None], patches, method="pool")
+            return _l2(pooled[:, 0]), attn[:, :, 0]
+
+        # One compiled function per input kind; callers pick an output, the rest stays on device.
+        self._image = jax.jit(encode)
+        self._text = jax.jit(encode_text)
+        self._pool = jax.jit(pool)
+
+    @classmethod
+    def from_params(cls, model: BetaCLIP, params, tokenizer=None, **kwargs) -> "Encoder":
+        """An Encoder on live (e.g. training) params; nothing is copied or re-laid out."""
+        return cls(model, params, tokenizer, **kwargs)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from beta_clip_jax.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer()
+        return self._tokenizer
+
+    def tokenize(self, texts: list[str]) -> np.ndarray:
+        """int32 [N, context_length]: SOT + BPE + EOT, zero-padded."""
+        return np.asarray(self.tokenizer.encode(list(texts), self.context_length), np.int32)
+
+    def _images(self, images) -> np.ndarray:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise TypeError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+        if images.shape[1:3] == (self.image_size, self.image_size):
+            return images
+        return np.stack([resize_center_crop(im, self.image_size) for im in images])
+
+    def _trim(self, tokens: np.ndarray) -> np.ndarray:
+        used = int((tokens != 0).sum(axis=1).max(initial=1))
+        length = next((b for b in _TEXT_BUCKETS if used <= b), self.context_length)
+        return tokens[:, : min(length, tokens.shape[1])]
+
+    def _batched(self, fn, out: int | None, *arrays: np.ndarray) -> np.ndarray:
+        """Output `out` of fn(params, *batch) over fixed-size batches (None: fn returns one
+        array); the last batch is padded with copies of its first row, then cut."""
+        n, b = len(arrays[0]), self.batch_size
+        outs = []
+        for start in range(0, n, b):
+            chunk = [a[start : start + b] for a in arrays]
+            m = len(chunk[0])
+            if m < b:
+                chunk = [np.concatenate([c, np.repeat(c[:1], b - m, 0)]) for c in chunk]
+            result = fn(self.params, *chunk)
+            outs.append(np.asarray(result if out is None else result[out])[:m])
+        if not outs:
+            return np.zeros((0, self.model.config.embed_dim), np.float32)
+        return np.concatenate(outs)
+
+    def embed_images(self, images) -> np.ndarray:
+        """uint8 [N, H, W, 3] -> [N, E], L2-normalised CLS embeddings."""
+        return self._batched(self._image, 0, self._images(images))
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """[N, E], L2-normalised text embeddings."""
+        return self.embed_tokens(self.tokenize(texts))
+
+    def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """Token ids int32 [N, L] -> [N, E], L2-normalised."""
+        return self._batched(self._text, None, self._trim(np.asarray(tokens, np.int32)))
+
+    def dense_features(self, images) -> np.ndarray:
+        """uint8 [N, H, W, 3] -> [N, h, w, E] patch embeddings, each L2-normalised."""
+        out = self._batched(self._image, 1, self._images(images))
+        return out.reshape(len(out), self._grid, self._grid, self.model.config.embed_dim)
+
+    def conditioned_embeddings(self, images, texts: list[str]) -> np.ndarray:
+        """Text-conditioned pooled image embeddings [N, E] (one text per image), L2-normalised."""
+        return self._batched(self._pool, 0, *self._pairs(images, texts))
+
+    def attention(self, images, texts: list[str]) -> np.ndarray:
+        """The pooler's attention of each text over its image's patches: [N, heads, P]."""
+        return self._batched(self._pool, 1, *self._pairs(images, texts))
+
+    def _pairs(self, images, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        images = self._images(images)
+        if len(texts) != len(images):
+            raise ValueError(f"one text per image: got {len(texts)} texts, {len(images)} images")
+        return images, self._trim(self.tokenize(texts))
+
+
+def load(path: str, *, tokenizer=None, batch_size: int = 32, model_cfg=None) -> Encoder:
+    """An Encoder from a workdir, an exported directory, a HF CLIP directory or `hf:`/`openai:`.
+
+    `model_cfg` (optional) overrides the checkpoint's own config, e.g. context_length=248.
+    """
+    kind, where = parse_spec(path)
+    params, cfg, not_provided = import_pretrained(f"{kind}:{where}", model_cfg)
+    if not_provided:
+        _log.warning("%s has no pooler weights; conditioned_embeddings uses a random pooler", path)
+    model = build_model(cfg)
+    return Encoder(model, jax.device_put(params), tokenizer, batch_size=batch_size)
