@@ -219,6 +219,8 @@ def test_bad_checkpoints_are_named(tiny, tiny_loaded):
     msg = str(err.value)
     assert "16 missing tensors: vision_model.encoder.layers.2." in msg
     assert "16 unexpected tensors: text_model.encoder.layers.1." in msg
+    with pytest.raises(ValueError, match="text_heads: checkpoint 2 vs model 4"):
+        load_pretrained("hf:" + path, {"variant": "tiny", "text_heads": 4})
 
 
 def test_missing_files_say_what_was_expected(tmp_path):

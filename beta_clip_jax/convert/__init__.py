@@ -10,6 +10,7 @@ Parameters the source does not hold (the pooler, for plain CLIP weights) keep a 
 initialisation; their names are returned by `import_pretrained` and logged by `load_pretrained`.
 """
 
+import functools
 import json
 import logging
 import os
@@ -59,6 +60,7 @@ POOLER_FILE = "beta_clip_pooler.safetensors"
 META_FILE = "beta_clip_meta.json"
 # Rows of the 77-row table that Long-CLIP stretching keeps as they are (spec 1.3).
 STRETCH_KEEP = 20
+_HEADS = ("vision_heads", "text_heads")
 
 _log = logging.getLogger(__name__)
 
@@ -116,24 +118,26 @@ def _unflatten(flat: dict) -> dict:
     return tree
 
 
-def _init_pooler(model, cfg, rng) -> dict:
-    e = cfg.embed_dim
-    dummy = jnp.zeros((1, 1, e), jnp.float32)
-    init = jax.jit(lambda r: model.init(r, dummy, dummy, method="pool"))
-    tree = init(rng)["params"]["pooler"]
-    return jax.tree_util.tree_map(np.asarray, _unbox(tree))
+def _init_pooler(cfg, rng) -> dict:
+    """Fresh pooler parameters (numpy), as BetaCLIP would initialise them."""
+    return jax.tree_util.tree_map(np.asarray, _pooler_init_fn(cfg.embed_dim, cfg.pooler_heads)(rng))
 
 
-def _unbox(tree):
+@functools.lru_cache(maxsize=8)
+def _pooler_init_fn(embed_dim: int, heads: int):
+    """One compiled pooler init per shape, reused across loads."""
     import flax.linen as nn
 
-    return nn.unbox(tree)
+    from beta_clip_jax.models.pooler import TextConditionedPooler
+
+    dummy = jnp.zeros((1, 1, embed_dim), jnp.float32)
+    pooler = TextConditionedPooler(num_heads=heads)
+    return jax.jit(lambda r: nn.unbox(pooler.init(r, dummy, dummy)["params"]))
 
 
-def _check_pooler(flat: dict, model) -> None:
-    from beta_clip_jax.models.clip import param_shapes
-
-    want = {k: tuple(v.shape) for k, v in _flatten(param_shapes(model)["pooler"]).items()}
+def _check_pooler(flat: dict, cfg) -> None:
+    abstract = jax.eval_shape(_pooler_init_fn(cfg.embed_dim, cfg.pooler_heads), jax.random.key(0))
+    want = {k: tuple(v.shape) for k, v in _flatten(abstract).items()}
     got = {k: tuple(np.shape(v)) for k, v in flat.items()}
     differ = sorted(k for k in set(want) | set(got) if got.get(k) != want.get(k))
     bad = [f"pooler/{k}: file {got.get(k)} vs model {want.get(k)}" for k in differ]
@@ -148,8 +152,6 @@ def import_pretrained(spec: str, model_cfg=None, *, rng=None, step=None):
     A model context of 248 with a 77-position checkpoint stretches the positional table; any
     other difference in shapes is a ValueError naming every tensor that differs.
     """
-    from beta_clip_jax.models.clip import build_model
-
     kind, path = parse_spec(spec)
     if kind == "workdir":
         params, cfg = _from_workdir(path, step)
@@ -177,19 +179,24 @@ def import_pretrained(spec: str, model_cfg=None, *, rng=None, step=None):
         state = openai_to_hf_state_dict(raw)
 
     cfg = resolve_model_config(ckpt_cfg if model_cfg is None else model_cfg)
+    # Head counts leave no trace in tensor shapes, so a wrong one would load silently.
+    wrong = [
+        f"{f}: checkpoint {ckpt_cfg[f]} vs model {cfg[f]}" for f in _HEADS if cfg[f] != ckpt_cfg[f]
+    ]
+    if wrong:
+        raise ValueError(f"{spec} has other attention heads than the model: " + "; ".join(wrong))
     state = adapt_text_positions(state, cfg.context_length, keep=STRETCH_KEEP)
     params = hf_state_dict_to_flax(state, cfg)
 
-    model = build_model(cfg)
     not_provided = []
     if pooler_flat is not None:
-        _check_pooler(pooler_flat, model)
+        _check_pooler(pooler_flat, cfg)
         params["pooler"] = _unflatten(
             {k: np.asarray(v, np.float32) for k, v in pooler_flat.items()}
         )
     else:
         rng = jax.random.key(0) if rng is None else rng
-        params["pooler"] = _init_pooler(model, cfg, rng)
+        params["pooler"] = _init_pooler(cfg, rng)
         not_provided = sorted(f"pooler/{k}" for k in _flatten(params["pooler"]))
     return params, cfg, not_provided
 

@@ -12,10 +12,13 @@ The pooler has no HF counterpart and is not in the table.
 """
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from beta_clip_jax.models.variants import SHAPE_FIELDS, resolve_model_config
 
 
 # Transforms: from_hf(torch layout) -> flax layout, and back. `h` is the number of heads.
@@ -145,8 +148,15 @@ def _entries_for(cfg):
 
 def expected_flax_shapes(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flax path -> shape for every tabled parameter of the model `cfg` builds."""
+    return dict(_model_shapes(tuple((f, cfg[f]) for f in SHAPE_FIELDS)))
+
+
+@functools.lru_cache(maxsize=16)
+def _model_shapes(shape_cfg: tuple) -> tuple:
+    """Traces the model's init once per shape config (a second or so for the large variants)."""
     from beta_clip_jax.models.clip import build_model, param_shapes  # heavy; import when used
 
+    cfg = resolve_model_config(dict(shape_cfg, variant="shapes"))
     tree = param_shapes(build_model(cfg))
     out = {}
     for e in _entries_for(cfg):
@@ -154,7 +164,7 @@ def expected_flax_shapes(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
         for k in e.flax:
             node = node[k]
         out[e.flax] = tuple(node.shape)
-    return out
+    return tuple(out.items())
 
 
 def expected_hf_shapes(cfg) -> dict[str, tuple[int, ...]]:
