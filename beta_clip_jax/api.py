@@ -34,7 +34,7 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     short, long = min(h, w), max(h, w)
     new_long = int(size * long / short)  # the torchvision Resize(size) rule CLIP evaluation uses
     new_h, new_w = (size, new_long) if h <= w else (new_long, size)
-    img = Image.fromarray(image).resize((new_w, new_h), Image.BICUBIC)
+    img = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
     top = int(round((new_h - size) / 2.0))
     left = int(round((new_w - size) / 2.0))
     return np.asarray(img.crop((left, top, left + size, top + size)))

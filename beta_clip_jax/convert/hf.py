@@ -122,8 +122,10 @@ def variant_from_hf_config(config_json: dict | str) -> ml_collections.ConfigDict
     if isinstance(config_json, str):
         with open(config_json) as f:
             config_json = json.load(f)
-    v = {**_HF_VISION_DEFAULTS, **(config_json.get("vision_config") or {})}
-    t = {**_HF_TEXT_DEFAULTS, **(config_json.get("text_config") or {})}
+    # Configs from 2021 may carry the towers only as "*_config_dict".
+    v = config_json.get("vision_config") or config_json.get("vision_config_dict") or {}
+    t = config_json.get("text_config") or config_json.get("text_config_dict") or {}
+    v, t = {**_HF_VISION_DEFAULTS, **v}, {**_HF_TEXT_DEFAULTS, **t}
     _check_supported("vision_config", v)
     _check_supported("text_config", t)
     shapes = dict(
