@@ -56,9 +56,23 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def mesh_device_count(mesh_cfg) -> int:
+    """Devices the mesh spans: all of them, or the first `mesh.num_devices` (one process only)."""
+    wanted = int(mesh_cfg.get("num_devices", 0) or 0)
+    if wanted <= 0:
+        return jax.device_count()
+    if jax.process_count() > 1 or wanted > jax.device_count():
+        raise ValueError(
+            f"mesh.num_devices={wanted} needs a single process with at least that many devices "
+            f"(have {jax.device_count()} devices in {jax.process_count()} processes)"
+        )
+    return wanted
+
+
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     """Builds an Auto-typed mesh (linen logical constraints need Auto axes)."""
-    devices = jax.devices() if devices is None else devices
+    if devices is None:
+        devices = jax.devices()[: mesh_device_count(mesh_cfg)]
     shape = mesh_shape(mesh_cfg, len(devices))
     return jax.make_mesh(
         shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices

@@ -1,0 +1,118 @@
+"""Checks that a config can work on this machine, before anything is compiled.
+
+Each error names the numbers involved (design.md section 5).
+"""
+
+from __future__ import annotations
+
+from beta_clip_jax import sharding
+
+MODES = ("train", "eval")
+
+
+def resolve_config(config):
+    """A copy with every model shape filled in from its variant (what config.json records)."""
+    import copy
+
+    from beta_clip_jax.models.variants import resolve_model_config
+
+    resolved = copy.deepcopy(config)
+    with resolved.unlocked():
+        resolved.model = resolve_model_config(config.model)
+    return resolved
+
+
+def check_config(config, device_count: int, process_count: int) -> None:
+    if config.mode not in MODES:
+        raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}")
+    shape = sharding.mesh_shape(config.mesh, device_count)
+    dp = shape[0] * shape[1]
+    batch = int(config.batch_size)
+    accum = int(config.optim.get("grad_accum", 1))
+    if batch <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch}")
+    if accum < 1 or batch % accum:
+        raise ValueError(f"batch_size {batch} is not divisible by optim.grad_accum {accum}")
+    micro = batch // accum
+    if micro % dp:
+        raise ValueError(
+            f"micro-batch {micro} (batch_size {batch} / grad_accum {accum}) is not divisible "
+            f"by the data-parallel size {dp} (mesh data={shape[0]} x fsdp={shape[1]})"
+        )
+    if batch % process_count:
+        raise ValueError(f"batch_size {batch} is not divisible by {process_count} processes")
+    if config.loss.name in ("beta_clip",):
+        group = int(config.loss.group_size)
+        if group <= 0 or micro % group:
+            raise ValueError(
+                f"micro-batch {micro} is not divisible by the β-CAL group loss.group_size "
+                f"{group}; choose batch_size / grad_accum as a multiple of the group"
+            )
+    if int(config.log_every) <= 0 or int(config.checkpoint_every) <= 0:
+        raise ValueError("log_every and checkpoint_every must be positive")
+    check_paths(config)
+    if config.mode == "train" and total_steps(config) <= 0:
+        raise ValueError("num_steps (or num_epochs) must give at least one step")
+
+
+PATH_FIELD_NAMES = ("path", "image_root", "annotations", "root")
+PATH_FIELD_SUFFIXES = ("_path", "_dir", "_root", "_file")
+
+
+def _path_fields(cfg, prefix: str):
+    for key, value in cfg.items():
+        name = f"{prefix}.{key}"
+        if hasattr(value, "items"):
+            yield from _path_fields(value, name)
+        elif (
+            isinstance(value, str)
+            and value
+            and (key in PATH_FIELD_NAMES or key.endswith(PATH_FIELD_SUFFIXES))
+        ):
+            yield name, value
+
+
+def missing_paths(config) -> list[str]:
+    """Every configured file or folder that does not exist, as 'config.field = path' lines."""
+    from etils import epath
+
+    fields = list(_path_fields(config.data, "config.data"))
+    if config.get("evals"):
+        fields += list(_path_fields(config.evals, "config.evals"))
+    if config.init and str(config.init).split(":", 1)[0] in ("hf", "openai"):
+        fields.append(("config.init", str(config.init).split(":", 1)[1]))
+    elif config.init:
+        fields.append(("config.init", str(config.init)))
+    return [f"  {name} = {path}" for name, path in fields if not epath.Path(path).exists()]
+
+
+def check_paths(config) -> None:
+    """Stops before any compile when configured data or weights are missing, listing them all."""
+    missing = missing_paths(config)
+    if missing:
+        raise FileNotFoundError(
+            "these configured paths do not exist:\n" + "\n".join(missing) + "\n"
+            "set them with --config.FIELD=PATH (see the config file's docstring for the "
+            "expected layout and where to get the data and weights)"
+        )
+
+
+def total_steps(config) -> int:
+    """num_steps, or num_epochs over the training set when num_epochs > 0."""
+    epochs = float(config.get("num_epochs", 0) or 0)
+    if epochs <= 0:
+        return int(config.num_steps)
+    return max(1, int(round(epochs * train_set_size(config) / int(config.batch_size))))
+
+
+def train_set_size(config) -> int:
+    """Records the training source offers after skip_first and max_records."""
+    from beta_clip_jax.data import sources
+
+    data = config.data
+    size = int(data.get("image_size") or config.model.get("image_size") or 224)
+    num = len(sources.make_source(data, size))
+    skip = data.skip_first
+    skip = sources.default_skip_first(data.name) if skip is None else skip
+    num = max(num - int(skip), 0)
+    return num if data.max_records is None else min(num, int(data.max_records))

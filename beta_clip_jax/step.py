@@ -1,0 +1,175 @@
+"""The train state, its sharded initialisation and the jitted train step.
+
+The step is one function for every method: the model gives its outputs, `objective.training_loss`
+turns them into a loss (config.loss.name picks the method), optax updates, temperatures are clamped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from beta_clip_jax import objective, sharding
+from beta_clip_jax.data.transforms import normalize
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+
+
+def text_shapes(config) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(slots, length) of the sentence and phrase token arrays a batch carries."""
+    data = config.data
+    return (1 + data.max_sentences, data.text_length), (data.max_phrases, data.phrase_length)
+
+
+def image_size(config) -> int:
+    return int(config.data.get("image_size") or config.model.image_size)
+
+
+def dummy_inputs(config, batch: int = 1):
+    """Zero inputs with the batch layout of docs/CONTRACTS.md, for init and shape inference."""
+    (s, ls), (kp, lp) = text_shapes(config)
+    size = image_size(config)
+    return (
+        jnp.zeros((batch, size, size, 3), jnp.float32),
+        jnp.zeros((batch, s, ls), jnp.int32),
+        jnp.zeros((batch, kp, lp), jnp.int32),
+    )
+
+
+def abstract_state(model, tx, config):
+    """Boxed abstract state: shapes and logical axis names, nothing allocated."""
+
+    def init(rng):
+        params = model.init(rng, *dummy_inputs(config))["params"]
+        return params, tx.init(nn.unbox(params))
+
+    boxed_params, opt_state = jax.eval_shape(init, jax.random.key(0))
+    return boxed_params, opt_state
+
+
+def state_shardings(model, tx, config, mesh):
+    """Shardings for params and optimiser state (moments follow their parameters)."""
+    boxed_params, abstract_opt = abstract_state(model, tx, config)
+    with jax.set_mesh(mesh):
+        params_sh = sharding.param_shardings(boxed_params, mesh)
+    params_abs = nn.unbox(boxed_params)
+    # Optimiser-state leaves that mirror a parameter (Adam moments) take its sharding; their path
+    # ends with the parameter's path. Everything else (counts) is replicated.
+    by_path = {  # longest paths first, so a nested name wins over a top-level one
+        jax.tree_util.keystr(p): (leaf.shape, sh)
+        for (p, leaf), sh in zip(
+            jax.tree_util.tree_flatten_with_path(params_abs)[0],
+            jax.tree.leaves(params_sh),
+            strict=True,
+        )
+    }
+
+    by_path = dict(sorted(by_path.items(), key=lambda kv: -len(kv[0])))
+
+    def opt_leaf_sharding(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for ppath, (shape, sh) in by_path.items():
+            if key.endswith(ppath) and leaf.shape == shape:
+                return sh
+        return sharding.replicated(mesh)
+
+    opt_sh = jax.tree_util.tree_map_with_path(opt_leaf_sharding, abstract_opt)
+    return params_abs, params_sh, abstract_opt, opt_sh
+
+
+def init_state(model, tx, config, mesh, params_sh, opt_sh, init_params=None):
+    """Random (or given) params and a fresh optimiser state, created directly sharded."""
+    if init_params is None:
+
+        def init(rng):
+            params = nn.unbox(model.init(rng, *dummy_inputs(config))["params"])
+            return params, tx.init(params)
+
+        with jax.set_mesh(mesh):
+            return jax.jit(init, out_shardings=(params_sh, opt_sh))(jax.random.key(config.seed))
+    params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), init_params, params_sh)
+    with jax.set_mesh(mesh):
+        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    return params, opt_state
+
+
+def _loss_and_grads(model, loss_cfg, params, batch):
+    def loss_fn(p):
+        images = normalize(batch["image"])
+        outputs = model.apply({"params": p}, images, batch["sentences"], batch["phrases"])
+        return objective.training_loss(outputs, batch["valid"], loss_cfg)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, metrics, grads
+
+
+def train_step(state: TrainState, batch, *, model, tx, loss_cfg, grad_accum: int):
+    """One optimiser step; with grad_accum > 1 the batch is split into micro-batches."""
+    if grad_accum <= 1:
+        loss, metrics, grads = _loss_and_grads(model, loss_cfg, state.params, batch)
+    else:
+        micro = jax.tree.map(
+            lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch
+        )
+
+        def body(carry, mb):
+            loss, metrics, grads = _loss_and_grads(model, loss_cfg, state.params, mb)
+            acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+            return acc, None
+
+        zeros = jax.tree.map(
+            jnp.zeros_like,
+            jax.eval_shape(
+                lambda: _loss_and_grads(
+                    model, loss_cfg, state.params, jax.tree.map(lambda x: x[0], micro)
+                )
+            ),
+        )
+        total, _ = jax.lax.scan(body, zeros, micro)
+        loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum, total)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    params = objective.clamp_log_temperatures(params)
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite step keeps the previous state, so nothing bad can reach a checkpoint; the host
+    # sees `finite == 0` and stops the run naming the step.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    metrics = dict(metrics)
+    metrics["finite"] = finite.astype(jnp.float32)
+    metrics["loss"] = loss
+    metrics["grad_norm"] = grad_norm
+    metrics["param_norm"] = optax.tree.norm(params)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def jit_train_step(model, tx, config, mesh, params_sh, opt_sh):
+    """The train step jitted with explicit shardings and the state donated."""
+    state_sh = TrainState(step=sharding.replicated(mesh), params=params_sh, opt_state=opt_sh)
+    batch_sh = sharding.batch_sharding(mesh)
+    fn = functools.partial(
+        train_step,
+        model=model,
+        tx=tx,
+        loss_cfg=config.loss,
+        grad_accum=int(config.optim.get("grad_accum", 1)),
+    )
+    return jax.jit(
+        fn,
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )

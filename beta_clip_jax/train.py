@@ -1,0 +1,268 @@
+"""The training loop: `train_and_evaluate(config, workdir)`, importable and used by main.py.
+
+Phases: check the config (before any compile) -> mesh, model, data, optimiser -> restore (workdir
+checkpoint, else config.init, else random) -> compile -> steps with logging, checkpoints and evals
+-> final checkpoint and evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import jax
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+
+from beta_clip_jax import checkpoint, sharding
+from beta_clip_jax import step as step_lib
+from beta_clip_jax.config_check import check_config, resolve_config, total_steps
+from beta_clip_jax.data import pipeline
+from beta_clip_jax.metrics_writer import MetricsWriter, Progress
+from beta_clip_jax.models.clip import build_model
+from beta_clip_jax.optim import make_optimizer
+from beta_clip_jax.tokenizer import Tokenizer
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or gradient stopped being finite; the last good checkpoint is kept."""
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can save a checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def install(self):
+        def handler(signum, frame):
+            del frame
+            logging.warning("signal %d: saving a checkpoint at the next step, then exiting", signum)
+            self.requested = True
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. inside some test runners)
+            self._previous = None
+
+    def uninstall(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self) -> bool:
+        # Every process must save the same step, so the flag is agreed across processes.
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.array([self.requested]))
+        return bool(np.any(flags))
+
+
+def _restore_or_init(config, workdir, model, tx, mesh, ckpt, data_iter):
+    """Resume precedence: own checkpoint -> config.init -> random init."""
+    params_abs, params_sh, opt_abs, opt_sh = step_lib.state_shardings(model, tx, config, mesh)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        target_p = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params_abs, params_sh
+        )
+        target_o = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abs, opt_sh
+        )
+        params, opt_state, _ = ckpt.restore(latest, target_p, target_o, data_iter)
+        logging.info("resumed from %s step %d", ckpt.directory, latest)
+        return params, opt_state, latest, params_sh, opt_sh
+    init_params = None
+    if config.init:
+        init_params = load_init_params(config, params_abs)
+    params, opt_state = step_lib.init_state(model, tx, config, mesh, params_sh, opt_sh, init_params)
+    return params, opt_state, 0, params_sh, opt_sh
+
+
+def load_init_params(config, params_abs):
+    """Pretrained weights named by config.init (hf:PATH, openai:PATH or a workdir)."""
+    from beta_clip_jax.convert import load_pretrained
+
+    spec = str(config.init)
+    if spec.startswith(("hf:", "openai:")):
+        params, _ = load_pretrained(spec, config.model)
+    else:
+        params, _, _ = checkpoint.load_params_from_workdir(spec)
+    checkpoint.check_shapes(params, params_abs, f"init weights {spec}")
+    return params
+
+
+def _build_evaluators(config):
+    if not config.get("evals"):
+        return []
+    from beta_clip_jax.evals.registry import build_evaluators
+
+    return build_evaluators(config.evals, image_size=step_lib.image_size(config))
+
+
+def run_evaluators(evaluators, model, params, tokenizer, step, writer, *, force=False):
+    """Runs the evaluators due at this step (all when forced); {dataset: {metric: value}}."""
+    from beta_clip_jax.api import Encoder
+    from beta_clip_jax.evals import registry
+
+    if not any(force or e.should_run(step) for e in evaluators):
+        return {}
+    start = time.perf_counter()
+    encoder = Encoder.from_params(model, params, tokenizer)
+    results = registry.run_evaluators(evaluators, encoder, None if force else step)
+    scalars = registry.flatten(results)
+    scalars["perf/eval_time_sec"] = time.perf_counter() - start
+    writer.write(step, scalars)
+    logging.info("evaluation at step %d\n%s", step, registry.format_table(results))
+    return results
+
+
+def _setup_workdir(config, workdir):
+    if jax.process_index() == 0:
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        checkpoint.write_json(str(epath.Path(workdir) / "config.json"), config.to_dict())
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains (or, with config.mode == 'eval', only evaluates) and returns the last metrics."""
+    config = resolve_config(config)
+    check_config(config, sharding.mesh_device_count(config.mesh), jax.process_count())
+    mesh = sharding.make_mesh(config.mesh)
+    model = build_model(config.model)
+    tokenizer = Tokenizer()
+    num_steps = total_steps(config)
+    tx, schedules = make_optimizer(config.optim, num_steps, int(config.model.frozen_positions))
+    evaluators = _build_evaluators(config)
+    _setup_workdir(config, workdir)
+    writer = MetricsWriter(workdir)
+
+    if config.mode == "eval":
+        return _evaluate_only(config, workdir, model, tx, mesh, evaluators, tokenizer, writer)
+
+    data_iter = pipeline.build_train_iterator(
+        config.data,
+        batch_size_per_process=config.batch_size // jax.process_count(),
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        image_size=step_lib.image_size(config),
+        tokenizer=tokenizer,
+    )
+    ckpt = checkpoint.Checkpointer(
+        workdir, every=config.checkpoint_every, keep=config.keep_checkpoints
+    )
+    params, opt_state, start, params_sh, opt_sh = _restore_or_init(
+        config, workdir, model, tx, mesh, ckpt, data_iter
+    )
+    state = step_lib.TrainState(step=np.int32(start), params=params, opt_state=opt_state)
+    state = jax.device_put(state, step_lib.TrainState(sharding.replicated(mesh), params_sh, opt_sh))
+    jitted = step_lib.jit_train_step(model, tx, config, mesh, params_sh, opt_sh)
+
+    preemption = _Preemption()
+    preemption.install()
+    examples = int(config.batch_size)
+    progress = Progress(num_steps, examples, start)
+    last = {}
+    compiled = None
+    pending = None  # (step, metrics) of the previous step, checked one step late
+    try:
+        if start == 0:
+            run_evaluators(evaluators, model, state.params, tokenizer, 0, writer)
+        for step in range(start + 1, num_steps + 1):
+            t0 = time.perf_counter()
+            local = next(data_iter)
+            batch = sharding.global_batch_from_local(local, mesh)
+            data_wait = time.perf_counter() - t0
+            if compiled is None:
+                logging.info("compiling the train step ...")
+                t1 = time.perf_counter()
+                with jax.set_mesh(mesh):
+                    compiled = jitted.lower(state, batch).compile()
+                compile_time = time.perf_counter() - t1
+                logging.info("compiled in %.1fs", compile_time)
+                writer.write(step, {"perf/compile_time_sec": compile_time})
+                progress.window_start = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            progress.add(data_wait)
+            if pending is not None:
+                _check_finite(*pending)
+            pending = (step, metrics)
+            if step % config.log_every == 0 or step == num_steps or step <= 3:
+                _check_finite(*pending)
+                last = _log_step(step, metrics, schedules, progress, writer, data_iter)
+            stop = config.get("stop_at_step", 0) and step >= config.stop_at_step
+            if preemption.agreed() or stop:
+                _check_finite(*pending)
+                ckpt.save(step, state.params, state.opt_state, data_iter, _meta(config), True)
+                logging.warning("stopping at step %d; rerun the same command to resume", step)
+                return last
+            if step % config.checkpoint_every == 0 or step == num_steps:
+                _check_finite(*pending)
+                ckpt.save(
+                    step,
+                    state.params,
+                    state.opt_state,
+                    data_iter,
+                    _meta(config),
+                    force=step == num_steps,
+                )
+            run_evaluators(
+                evaluators, model, state.params, tokenizer, step, writer, force=step == num_steps
+            )
+        logging.info("done: %d steps", num_steps)
+        return last
+    finally:
+        ckpt.close()
+        data_iter.close()
+        writer.close()
+        preemption.uninstall()
+
+
+def _meta(config) -> dict:
+    return {"variant": config.model.variant, "loss": config.loss.name}
+
+
+def _check_finite(step, metrics):
+    finite = float(jax.device_get(metrics["finite"]))
+    if finite < 1:
+        loss = float(jax.device_get(metrics["loss"]))
+        grad = float(jax.device_get(metrics["grad_norm"]))
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={grad}); "
+            "the update was not applied and the last good checkpoint is kept"
+        )
+
+
+def _log_step(step, metrics, schedules, progress, writer, data_iter):
+    scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+    scalars.pop("train/finite", None)
+    for group, schedule in schedules.items():
+        scalars[f"train/lr_{group}"] = float(schedule(step - 1))
+    scalars.update(progress.summary(step))
+    scalars.update(data_iter.metrics())
+    writer.write(step, scalars)
+    logging.info(progress.line(step, scalars))
+    return scalars
+
+
+def _evaluate_only(config, workdir, model, tx, mesh, evaluators, tokenizer, writer):
+    """--config.mode=eval: the workdir's latest checkpoint, else config.init."""
+    if checkpoint.has_checkpoint(workdir):
+        params, _, step = checkpoint.load_params_from_workdir(workdir)
+    elif config.init:
+        params_abs = step_lib.state_shardings(model, tx, config, mesh)[0]
+        params, step = load_init_params(config, params_abs), 0
+    else:
+        raise ValueError(
+            f"mode=eval needs a checkpoint under {checkpoint.checkpoint_dir(workdir)} "
+            "or weights in config.init (hf:PATH, openai:PATH or a workdir)"
+        )
+    if not evaluators:
+        raise ValueError("mode=eval but config.evals is empty: nothing to evaluate")
+    results = run_evaluators(evaluators, model, params, tokenizer, step, writer, force=True)
+    checkpoint.write_json(
+        str(epath.Path(workdir) / "eval_results.json"), {"step": step, "results": results}
+    )
+    return results

@@ -1,0 +1,86 @@
+"""The training loop: one step, sharded runs equal to one device, resume equal to no stop."""
+
+import os
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from train_helpers import losses, tiny_config
+
+from beta_clip_jax import checkpoint
+from beta_clip_jax.metrics_writer import read_metrics
+from beta_clip_jax.train import train_and_evaluate
+
+
+def test_one_step_writes_workdir_contract(tmp_path):
+    config = tiny_config(num_steps=1)
+    train_and_evaluate(config, str(tmp_path))
+    records = read_metrics(str(tmp_path))
+    step1 = [r for r in records if "train/loss" in r][0]
+    assert step1["step"] == 1 and np.isfinite(step1["train/loss"])
+    assert "perf/examples_per_sec" in step1 and "train/lr_pooler" in step1
+    assert (tmp_path / "config.json").exists()
+    assert checkpoint.has_checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("mesh", [{"mesh.fsdp": 1}, {"mesh.fsdp": 4}], ids=["dp", "fsdp"])
+def test_eight_devices_match_one_device(tmp_path, mesh):
+    assert jax.device_count() == 8
+    one = tiny_config(num_steps=3)
+    eight = tiny_config(num_steps=3, **{"mesh.num_devices": 0, **mesh})
+    train_and_evaluate(one, str(tmp_path / "one"))
+    train_and_evaluate(eight, str(tmp_path / "eight"))
+    a, b = (
+        losses(read_metrics(str(tmp_path / "one"))),
+        losses(read_metrics(str(tmp_path / "eight"))),
+    )
+    assert sorted(a) == [1, 2, 3]
+    np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=2e-5, atol=2e-5)
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path):
+    full = tiny_config()
+    train_and_evaluate(full, str(tmp_path / "full"))
+    stopped = tiny_config(stop_at_step=4)
+    train_and_evaluate(stopped, str(tmp_path / "resumed"))
+    assert max(losses(read_metrics(str(tmp_path / "resumed")))) == 4
+    train_and_evaluate(tiny_config(), str(tmp_path / "resumed"))
+    a = losses(read_metrics(str(tmp_path / "full")), start=5)
+    b = losses(read_metrics(str(tmp_path / "resumed")), start=5)
+    assert sorted(a) == [5, 6]
+    np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=1e-6, atol=1e-6)
+
+
+def test_sigterm_saves_and_resume_matches(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = tiny_config(num_steps=40, checkpoint_every=100)
+
+    def send_sigterm_after_step_2():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if any(r.get("step", 0) >= 2 for r in read_metrics(workdir)):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=send_sigterm_after_step_2)
+    thread.start()
+    train_and_evaluate(config, workdir)
+    thread.join()
+    stopped_at = max(losses(read_metrics(workdir)))
+    assert 2 <= stopped_at < 40
+    ckpt = checkpoint.Checkpointer(workdir, every=1, keep=3)
+    assert ckpt.latest_step() == stopped_at
+    ckpt.close()
+
+
+def test_invalid_sizes_fail_before_compile(tmp_path):
+    with pytest.raises(ValueError, match="not divisible by the β-CAL group"):
+        train_and_evaluate(tiny_config(**{"loss.group_size": 3}), str(tmp_path))
+    with pytest.raises(ValueError, match="data-parallel size 8"):
+        config = tiny_config(batch_size=4, **{"loss.group_size": 4, "mesh.num_devices": 0})
+        train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
