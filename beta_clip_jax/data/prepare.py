@@ -174,27 +174,28 @@ def prepare(
     return stats
 
 
-_INPUT = flags.DEFINE_string("input", None, "ShareGPT4V json or JSONL with image + caption.")
-_FORMAT = flags.DEFINE_enum("format", "sharegpt4v", ["sharegpt4v", "jsonl"], "Input format.")
-_IMAGE_ROOT = flags.DEFINE_string(
-    "image_root", None, "If set, drop entries whose image is missing."
-)
-_OUT = flags.DEFINE_string("out", None, "Output JSONL path.")
-_SPACY = flags.DEFINE_string("spacy_model", "en_core_web_sm", "spaCy model; '' = fallback.")
-_SKIP = flags.DEFINE_integer("skip_first", None, "Entries to skip (default: 1000 for sharegpt4v).")
-_PROCESSES = flags.DEFINE_integer("processes", 1, "Worker processes for phrase extraction.")
+def _define_flags() -> None:
+    """Flags are defined only when run as a command, so importing this module defines none."""
+    flags.DEFINE_string("input", None, "ShareGPT4V json or JSONL with image + caption.")
+    flags.DEFINE_enum("format", "sharegpt4v", ["sharegpt4v", "jsonl"], "Input format.")
+    flags.DEFINE_string("image_root", None, "If set, drop entries whose image is missing.")
+    flags.DEFINE_string("out", None, "Output JSONL path.")
+    flags.DEFINE_string("spacy_model", "en_core_web_sm", "spaCy model; '' = fallback.")
+    flags.DEFINE_integer("skip_first", None, "Entries to skip (default: 1000 for sharegpt4v).")
+    flags.DEFINE_integer("processes", 1, "Worker processes for phrase extraction.")
 
 
 def main(argv):
     del argv
+    f = flags.FLAGS
     stats = prepare(
-        _INPUT.value, _FORMAT.value, _OUT.value, _IMAGE_ROOT.value, _SPACY.value or None,
-        _SKIP.value, _PROCESSES.value,
-    )  # fmt: skip
+        f.input, f.format, f.out, f.image_root, f.spacy_model or None, f.skip_first, f.processes
+    )
     json.dump(stats, sys.stdout, indent=1)
     print()
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["input", "out"])
     app.run(main)

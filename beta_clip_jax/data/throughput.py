@@ -24,20 +24,26 @@ from PIL import Image
 
 from beta_clip_jax.data import hierarchy, pipeline
 
-_PATH = flags.DEFINE_string("path", None, "JSONL to read (default: generate JPEGs in a temp dir).")
-_IMAGE_ROOT = flags.DEFINE_string("image_root", None, "Image root for --path.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 128, "Generated images.")
-_IMAGE_HW = flags.DEFINE_list("image_hw", ["480", "640"], "Generated image height,width.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Output crop size.")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Batch size.")
-_BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches (after warm-up batches).")
-_WORKERS = flags.DEFINE_integer("num_workers", 0, "grain worker processes.")
-_THREADS = flags.DEFINE_integer("num_threads", 2, "Batches built concurrently per process.")
-_DRAFT = flags.DEFINE_bool("jpeg_draft", True, "JPEG DCT-domain downscale before cropping.")
-_SYNTHETIC = flags.DEFINE_bool("synthetic", True, "Also time the synthetic scenes.")
-_PREPARED = flags.DEFINE_bool(
-    "prepared", False, "Generated JSONL carries sentences + phrases (as data/prepare.py writes)."
-)
+
+def _define_flags() -> None:
+    """Flags are defined only when run as a command, so importing this module defines none."""
+    flags.DEFINE_string("path", None, "JSONL to read (default: generate JPEGs in a temp dir).")
+    flags.DEFINE_string("image_root", None, "Image root for --path.")
+    flags.DEFINE_integer("num_images", 128, "Generated images.")
+    flags.DEFINE_list("image_hw", ["480", "640"], "Generated image height,width.")
+    flags.DEFINE_integer("image_size", 224, "Output crop size.")
+    flags.DEFINE_integer("batch_size", 32, "Batch size.")
+    flags.DEFINE_integer("batches", 20, "Timed batches (after warm-up batches).")
+    flags.DEFINE_integer("num_workers", 0, "grain worker processes.")
+    flags.DEFINE_integer("num_threads", 2, "Batches built concurrently per process.")
+    flags.DEFINE_bool("jpeg_draft", True, "JPEG DCT-domain downscale before cropping.")
+    flags.DEFINE_bool("synthetic", True, "Also time the synthetic scenes.")
+    flags.DEFINE_bool(
+        "prepared",
+        False,
+        "Generated JSONL carries sentences + phrases (as data/prepare.py writes).",
+    )
+
 
 _WORDS = {
     "adj": "red blue green small large wooden metal bright dark old modern tall narrow busy quiet "
@@ -115,33 +121,44 @@ def measure(cfg, batch_size: int, batches: int, image_size: int) -> dict:
 def main(argv):
     del argv
     cfg = pipeline.default_data_config()
-    cfg.num_workers, cfg.num_threads, cfg.jpeg_draft = _WORKERS.value, _THREADS.value, _DRAFT.value
+    cfg.num_workers, cfg.num_threads, cfg.jpeg_draft = (
+        flags.FLAGS.num_workers,
+        flags.FLAGS.num_threads,
+        flags.FLAGS.jpeg_draft,
+    )
     cfg.max_skip_fraction = 1.0
     out = {
         "cpu_count": len(os.sched_getaffinity(0)),
         "num_workers": cfg.num_workers,
         "num_threads": cfg.num_threads,
-        "batch_size": _BATCH.value,
-        "image_size": _IMAGE_SIZE.value,
+        "batch_size": flags.FLAGS.batch_size,
+        "image_size": flags.FLAGS.image_size,
         "texts_per_image": 1 + cfg.max_sentences + cfg.max_phrases,
     }
     with tempfile.TemporaryDirectory() as tmp:
         real = cfg.copy_and_resolve_references()
         real.name = "jsonl"
-        if _PATH.value:
-            real.path, real.image_root = _PATH.value, _IMAGE_ROOT.value
-            out["real_source"] = _PATH.value
+        if flags.FLAGS.path:
+            real.path, real.image_root = flags.FLAGS.path, flags.FLAGS.image_root
+            out["real_source"] = flags.FLAGS.path
         else:
-            hw = tuple(int(x) for x in _IMAGE_HW.value)
-            real.path = write_dataset(tmp, _NUM_IMAGES.value, hw, prepared=_PREPARED.value)
-            out["real_source"] = f"{_NUM_IMAGES.value} generated {hw[0]}x{hw[1]} JPEGs" + (
-                ", precomputed sentences + phrases" if _PREPARED.value else ""
+            hw = tuple(int(x) for x in flags.FLAGS.image_hw)
+            real.path = write_dataset(
+                tmp, flags.FLAGS.num_images, hw, prepared=flags.FLAGS.prepared
             )
-        out["real"] = measure(real, _BATCH.value, _BATCHES.value, _IMAGE_SIZE.value)
-    if _SYNTHETIC.value:
-        out["synthetic"] = measure(cfg, _BATCH.value, _BATCHES.value, _IMAGE_SIZE.value)
+            out["real_source"] = f"{flags.FLAGS.num_images} generated {hw[0]}x{hw[1]} JPEGs" + (
+                ", precomputed sentences + phrases" if flags.FLAGS.prepared else ""
+            )
+        out["real"] = measure(
+            real, flags.FLAGS.batch_size, flags.FLAGS.batches, flags.FLAGS.image_size
+        )
+    if flags.FLAGS.synthetic:
+        out["synthetic"] = measure(
+            cfg, flags.FLAGS.batch_size, flags.FLAGS.batches, flags.FLAGS.image_size
+        )
     print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
