@@ -10,6 +10,10 @@ from beta_clip_jax import sharding
 MODES = ("train", "eval")
 
 
+class ConfigError(ValueError):
+    """A config that cannot work here; main prints it without a traceback."""
+
+
 def resolve_config(config):
     """A copy with every model shape filled in from its variant (what config.json records)."""
     import copy
@@ -23,6 +27,15 @@ def resolve_config(config):
 
 
 def check_config(config, device_count: int, process_count: int) -> None:
+    try:
+        _check_config(config, device_count, process_count)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _check_config(config, device_count: int, process_count: int) -> None:
     if config.mode not in MODES:
         raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}")
     shape = sharding.mesh_shape(config.mesh, device_count)

@@ -7,6 +7,7 @@ the config is locked, so a misspelt field is an error naming it.
 from __future__ import annotations
 
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -25,9 +26,14 @@ def main(argv):
 
     # Only process 0 talks at INFO; the others warn and fail loudly.
     logging.getLogger().setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    from beta_clip_jax.config_check import ConfigError
     from beta_clip_jax.train import train_and_evaluate
 
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, FileNotFoundError) as e:
+        # Bad sizes, paths or fields: the message says what to change; a traceback would not.
+        sys.exit(f"beta_clip_jax: {e}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""Config files load, resolve their model, and name every missing path before compiling."""
+
+import glob
+import os
+
+import pytest
+from ml_collections import config_flags
+
+from beta_clip_jax.config_check import ConfigError, check_config, resolve_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def _load(path, arg=None):
+    spec = path if arg is None else f"{path}:{arg}"
+    return config_flags.config_flags._ConfigFileParser(name="config").parse(spec)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_loads_and_resolves(path):
+    config = resolve_config(_load(path))
+    assert config.model.image_size > 0 and config.batch_size > 0
+
+
+def test_b16_names_every_missing_path(tmp_path):
+    config = resolve_config(_load(os.path.join(ROOT, "configs", "b16_urban.py"), "bce"))
+    assert config.loss.mode == "bce" and config.model.variant == "B/16"
+    assert config.model.context_length == 248 and config.model.vision_width == 768
+    with pytest.raises(FileNotFoundError) as err:
+        check_config(config, device_count=1, process_count=1)
+    for field in ("config.init", "config.data.path", "config.evals.urban1k.root"):
+        assert field in str(err.value)
+
+
+def test_b16_passes_checks_when_files_exist(tmp_path):
+    config = _load(os.path.join(ROOT, "configs", "b16_urban.py"))
+    weights = tmp_path / "ViT-B-16.pt"
+    weights.write_bytes(b"")
+    config.init = f"openai:{weights}"
+    annotations = tmp_path / "sharegpt4v.json"
+    annotations.write_text("[]")
+    for name in (
+        "data.path",
+        "data.image_root",
+        "evals.urban1k.root",
+        "evals.sv1k.json_path",
+        "evals.sv1k.image_root",
+        "evals.fgovd.root",
+        "evals.fgovd.image_root",
+    ):
+        section, *rest = name.split(".")
+        target = config[section]
+        for key in rest[:-1]:
+            target = target[key]
+        target[rest[-1]] = str(annotations if rest[-1] in ("path", "json_path") else tmp_path)
+    check_config(resolve_config(config), device_count=8, process_count=1)
+
+
+def test_sizes_that_cannot_work_name_the_numbers():
+    config = resolve_config(_load(os.path.join(ROOT, "configs", "b16_urban.py")))
+    config.batch_size = 2040
+    with pytest.raises(ConfigError, match="2040"):
+        check_config(config, device_count=8, process_count=1)
+
+
+def test_variant_override_changes_every_shape():
+    config = _load(os.path.join(ROOT, "configs", "b16_urban.py"))
+    config.model.variant = "L/14"
+    resolved = resolve_config(config)
+    assert resolved.model.vision_width == 1024 and resolved.model.patch_size == 14
