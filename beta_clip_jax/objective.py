@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from beta_clip_jax import losses
+from beta_clip_jax import global_cal, losses
 
 # Both temperatures live as logs in the params and are kept in [0, ln 100], i.e. s in [1, 100].
 LOG_SCALE_MIN = 0.0
@@ -30,6 +30,9 @@ def default_loss_config() -> ml_collections.ConfigDict:
             "alpha": 1.0,
             "mask_padding": True,
             "group_size": 64,
+            # "group": β-CAL negatives from groups of group_size images (the reference);
+            # "global": from the whole (micro-)batch, blockwise across devices (global_cal.py).
+            "cal_scope": "group",
             "global_weight": 1.0,
             "cal_weight": 1.0,
         }
@@ -138,7 +141,11 @@ def training_loss(outputs, valid, loss_cfg):
 
     if name == "beta_clip":
         s_c = scale_from_log(outputs["pooler_logit_scale"])
-        loss_c, m_c = grouped_beta_cal(outputs["pooled"], text, valid, s_c, loss_cfg)
+        scope = loss_cfg.get("cal_scope", "group")
+        if scope not in ("group", "global"):
+            raise ValueError(f"loss.cal_scope must be 'group' or 'global', got {scope!r}")
+        cal = global_cal.from_loss_config if scope == "global" else grouped_beta_cal
+        loss_c, m_c = cal(outputs["pooled"], text, valid, s_c, loss_cfg)
         loss = loss + loss_cfg.cal_weight * loss_c
         metrics["loss_cal"] = loss_c
         metrics["temperature_cal"] = 1.0 / s_c
