@@ -17,7 +17,7 @@ from beta_clip_jax import global_cal, losses
 LOG_SCALE_MIN = 0.0
 LOG_SCALE_MAX = math.log(100.0)
 
-LOSS_NAMES = ("beta_clip", "clip", "siglip")
+LOSS_NAMES = ("beta_clip", "clip", "siglip", "smartclip", "holistic")
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
@@ -35,6 +35,10 @@ def default_loss_config() -> ml_collections.ConfigDict:
             "cal_scope": "group",
             "global_weight": 1.0,
             "cal_weight": 1.0,
+            # name="smartclip" (methods/smartclip.py; needs model.method="smartclip").
+            "smartclip": {"align_weight": 0.5, "sparse_weight": 0.1},
+            # name="holistic" (methods/holistic.py m2m_loss; needs model.method="holistic").
+            "holistic": {"pairing": "auto", "diversity_margin": 0.7, "diversity_weight": 1.0},
         }
     )
 
@@ -120,6 +124,10 @@ def training_loss(outputs, valid, loss_cfg):
 
     Metrics: loss, loss_global, loss_cal (beta_clip only), global/* and cal/* from the losses,
     temperature_global, temperature_cal (1/s).
+
+    "smartclip" and "holistic" train on the model's caption + sentence slots ("sentence_text")
+    with their own loss alone (loss_global, the plain CLS<->caption InfoNCE, is then only
+    logged); their metrics appear under smartclip/* and holistic/*.
     """
     name = loss_cfg.name
     if name not in LOSS_NAMES:
@@ -139,6 +147,10 @@ def training_loss(outputs, valid, loss_cfg):
     metrics["loss_global"] = loss_g
     metrics.update({f"global/{key}": val for key, val in m_g.items()})
 
+    if name in METHOD_LOSSES:
+        loss, m_x = METHOD_LOSSES[name](outputs, valid, s_g, loss_cfg)
+        metrics.update({f"{name}/{key}": val for key, val in m_x.items()})
+
     if name == "beta_clip":
         s_c = scale_from_log(outputs["pooler_logit_scale"])
         scope = loss_cfg.get("cal_scope", "group")
@@ -153,3 +165,49 @@ def training_loss(outputs, valid, loss_cfg):
 
     metrics["loss"] = loss
     return loss, metrics
+
+
+def _method_inputs(outputs, valid, name, key):
+    if key not in outputs:
+        raise ValueError(
+            f"loss.name={name!r} needs the model output {key!r}: set model.method={name!r}"
+        )
+    text = outputs["sentence_text"]
+    return text, valid[:, : text.shape[1]]
+
+
+def smartclip_objective(outputs, valid, scale, loss_cfg):
+    """SmartCLIP's modular contrastive + sparsity loss over the caption + sentence slots."""
+    from beta_clip_jax.methods.smartclip import smartclip_loss
+
+    text, slot_valid = _method_inputs(outputs, valid, "smartclip", "smart_mask")
+    cfg = loss_cfg.get("smartclip") or {}
+    return smartclip_loss(
+        outputs["image"],
+        text,
+        outputs["smart_mask"],
+        scale,
+        slot_valid,
+        align_weight=cfg.get("align_weight", 0.5),
+        sparse_weight=cfg.get("sparse_weight", 0.1),
+    )
+
+
+def holistic_objective(outputs, valid, scale, loss_cfg):
+    """Holistic CLIP's multi-to-multi loss: K image branches vs the caption + sentence slots."""
+    from beta_clip_jax.methods.holistic import m2m_loss
+
+    text, slot_valid = _method_inputs(outputs, valid, "holistic", "image_branches")
+    cfg = loss_cfg.get("holistic") or {}
+    return m2m_loss(
+        outputs["image_branches"],
+        text,
+        scale,
+        slot_valid,
+        pairing=cfg.get("pairing", "auto"),
+        diversity_margin=cfg.get("diversity_margin", 0.7),
+        diversity_weight=cfg.get("diversity_weight", 1.0),
+    )
+
+
+METHOD_LOSSES = {"smartclip": smartclip_objective, "holistic": holistic_objective}

@@ -46,10 +46,15 @@ def _leaf_name(path) -> str:
     return str(getattr(last, "key", getattr(last, "name", last)))
 
 
+# Top-level subtrees trained from scratch at the head learning rate: the pooler, and
+# SmartCLIP's mask head (the paper's 1e-3 for the mask net equals the pooler's pooler_lr).
+HEAD_SUBTREES = frozenset({"pooler", "smart_mask"})
+
+
 def group_labels(params):
-    """'pooler' for the pooler subtree, 'main' for everything else."""
+    """'pooler' for the pooler (and SmartCLIP mask head) subtrees, 'main' for everything else."""
     return {
-        k: jax.tree.map(lambda _, k=k: POOLER_GROUP if k == "pooler" else MAIN_GROUP, v)
+        k: jax.tree.map(lambda _, k=k: POOLER_GROUP if k in HEAD_SUBTREES else MAIN_GROUP, v)
         for k, v in params.items()
     }
 
