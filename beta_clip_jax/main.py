@@ -16,6 +16,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 
 
+class _QuietLibraries(logging.Filter):
+    """Keeps Orbax's and grain's per-save INFO chatter off the console; warnings still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "etils"))
+        return record.levelno >= logging.WARNING or not noisy
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -25,7 +33,10 @@ def main(argv):
     import jax
 
     # Only process 0 talks at INFO; the others warn and fail loudly.
-    logging.getLogger().setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    for handler in root.handlers:
+        handler.addFilter(_QuietLibraries())
     from beta_clip_jax.config_check import ConfigError
     from beta_clip_jax.train import train_and_evaluate
 

@@ -40,8 +40,14 @@ class MetricsWriter:
         if not self.enabled or not scalars:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in sorted(scalars.items())}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if "://" in str(self.path):
+            # Object stores (gcsfs) turn append into overwrite: rewrite the whole file instead.
+            previous = self.path.read_text() if self.path.exists() else ""
+            self.path.write_text(previous + line)
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, float(value), int(step))
