@@ -180,3 +180,25 @@ def hf_config_from_variant(cfg) -> dict[str, Any]:
         "vision_config": vision,
         "text_config": text,
     }
+
+
+def hf_preprocessor_config(image_size: int) -> dict[str, Any]:
+    """preprocessor_config.json for CLIPImageProcessor: CLIP evaluation's bicubic resize of the
+    shortest side, centre crop and OpenAI mean/std (what api.Encoder does)."""
+    from beta_clip_jax.models.clip import OPENAI_MEAN, OPENAI_STD
+
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "processor_class": "CLIPProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": image_size},
+        "resample": 3,  # PIL bicubic
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(OPENAI_MEAN),
+        "image_std": list(OPENAI_STD),
+    }

@@ -8,7 +8,9 @@ a per-tensor transform and how layers are stacked:
 - "vision_last": HF vision layer L-1 -> `visual/last_block/...` (beta-CLIP's mixed block);
 - "text": HF text layers 0..L-1 stacked on axis 0 of `text/blocks/...`.
 
-The pooler has no HF counterpart and is not in the table.
+The pooler has no CLIPModel counterpart. Its own table, POOLER_TABLE, maps it to the state_dict of
+`beta_clip_jax.torch_pooler.BetaCLIPPooler` with the same transforms; the exported pooler file keeps
+our Flax names ("pooler/query/kernel", ...), which `pooler_file_tensors` writes.
 """
 
 import dataclasses
@@ -73,6 +75,8 @@ class Entry:
     kind: str = "copy"
     stack: str | None = None
     heads: str | None = None
+    # Index of this tensor's slice in a fused PyTorch tensor (the pooler's in_proj holds q, k, v).
+    part: int | None = None
 
 
 def _block_entries(flax_prefix: tuple[str, ...], hf_prefix: str, stack: str, heads: str):
@@ -120,6 +124,33 @@ def _build_table() -> tuple[Entry, ...]:
 
 
 TABLE = _build_table()
+
+
+def _build_pooler_table() -> tuple[Entry, ...]:
+    """Pooler tensors -> BetaCLIPPooler state_dict (nn.MultiheadAttention fuses q, k, v)."""
+    table = []
+    for part, ours in enumerate(("query", "key", "value")):
+        table.append(
+            Entry(("pooler", ours, "kernel"), "attn.in_proj_weight", "qkv_kernel", part=part)
+        )
+        table.append(Entry(("pooler", ours, "bias"), "attn.in_proj_bias", "qkv_bias", part=part))
+    table += [
+        Entry(("pooler", "out", "kernel"), "attn.out_proj.weight", "out_kernel"),
+        Entry(("pooler", "out", "bias"), "attn.out_proj.bias"),
+        Entry(("pooler", "ln", "scale"), "ln.weight"),
+        Entry(("pooler", "ln", "bias"), "ln.bias"),
+        Entry(("pooler", "fc1", "kernel"), "fc1.weight", "linear"),
+        Entry(("pooler", "fc1", "bias"), "fc1.bias"),
+        Entry(("pooler", "fc2", "kernel"), "fc2.weight", "linear"),
+        Entry(("pooler", "fc2", "bias"), "fc2.bias"),
+        Entry(("pooler", "logit_scale"), "logit_scale"),
+    ]
+    return tuple(table)
+
+
+POOLER_TABLE = _build_pooler_table()
+# q, k and v share one in_proj tensor in nn.MultiheadAttention.
+_FUSED = 3
 
 # HF buffers that may appear in a state_dict and carry no weights.
 _IGNORED_SUFFIXES = ("position_ids",)
@@ -252,3 +283,71 @@ def flax_to_hf_state_dict(params: Mapping, cfg) -> dict[str, np.ndarray]:
             layer = value[j] if e.stack in ("vision", "text") else value
             out[e.hf.format(i=i)] = np.array(to_hf(layer, heads), np.float32, order="C")
     return out
+
+
+def table_paths(cfg) -> set[tuple[str, ...]]:
+    """Every Flax parameter path the tables cover for `cfg` (export checks it covers the tree)."""
+    return {e.flax for e in _entries_for(cfg)} | {e.flax for e in POOLER_TABLE}
+
+
+def _pooler_heads(pooler: Mapping) -> int:
+    """Heads of a Flax pooler tree, read from its query kernel [E, H, Dh]."""
+    return int(np.shape(pooler["query"]["kernel"])[1])
+
+
+def pooler_file_tensors(params: Mapping) -> dict[str, np.ndarray]:
+    """The exported pooler file: {"pooler/query/kernel": ...} in Flax layout, float32.
+
+    `params` is the whole tree or its "pooler" sub-tree; a pooler leaf the table does not know is
+    an error, so a new parameter cannot be dropped from exports unnoticed.
+    """
+    pooler = params.get("pooler", params)
+    found = {("pooler",) + p for p in _leaf_paths(pooler)}
+    known = {e.flax for e in POOLER_TABLE}
+    if found != known:
+        raise ValueError(
+            "pooler parameters differ from POOLER_TABLE: "
+            f"untabled {sorted(found - known)}, missing {sorted(known - found)}"
+        )
+    return {
+        "/".join(e.flax): np.array(_get(pooler, e.flax[1:]), np.float32, order="C")
+        for e in POOLER_TABLE
+    }
+
+
+def _leaf_paths(tree: Mapping, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for k, v in tree.items():
+        out += _leaf_paths(v, prefix + (k,)) if isinstance(v, Mapping) else [prefix + (k,)]
+    return out
+
+
+def pooler_to_torch(pooler_flat: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Pooler file tensors ("pooler/..." names, Flax layout) -> BetaCLIPPooler state_dict."""
+    flat = {k.removeprefix("pooler/"): np.asarray(v, np.float32) for k, v in pooler_flat.items()}
+    tree: dict = {}
+    for name, v in flat.items():
+        _set(tree, tuple(name.split("/")), v)
+    pooler_file_tensors(tree)  # names every missing or unknown tensor
+    heads = _pooler_heads(tree)
+    out: dict[str, np.ndarray] = {}
+    fused: dict[str, list] = {}
+    for e in POOLER_TABLE:
+        value = np.array(_TRANSFORMS[e.kind][1](_get(tree, e.flax[1:]), heads), np.float32)
+        if e.part is None:
+            out[e.hf] = value
+        else:
+            fused.setdefault(e.hf, [None] * _FUSED)[e.part] = value
+    out.update({k: np.concatenate(v) for k, v in fused.items()})
+    return out
+
+
+def pooler_from_torch(state_dict: Mapping[str, Any], heads: int) -> dict:
+    """BetaCLIPPooler state_dict -> our Flax "pooler" sub-tree (float32 numpy)."""
+    tree: dict = {}
+    for e in POOLER_TABLE:
+        value = np.asarray(state_dict[e.hf], np.float32)
+        if e.part is not None:
+            value = np.split(value, _FUSED, axis=0)[e.part]
+        _set(tree, e.flax[1:], np.array(_TRANSFORMS[e.kind][0](value, heads), np.float32))
+    return tree
