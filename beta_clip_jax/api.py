@@ -43,9 +43,16 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
 class Encoder:
     """Embeds images and texts with one BetaCLIP model; all outputs are numpy float32."""
 
-    def __init__(self, model: BetaCLIP, params, tokenizer=None, *, batch_size: int = 32):
+    def __init__(self, model: BetaCLIP, params, tokenizer=None, *, batch_size: int = 32, mesh=None):
         self.model = model
         self.params = params
+        self.mesh = mesh
+        if mesh is not None:
+            # Each process embeds its own rows: a per-process batch that tiles its devices.
+            from beta_clip_jax.sharding import data_parallel_size
+
+            per_process = max(1, data_parallel_size(mesh) // jax.process_count())
+            batch_size = -(-batch_size // per_process) * per_process
         self.batch_size = batch_size
         self._tokenizer = tokenizer
         cfg = model.config
@@ -75,8 +82,28 @@ class Encoder:
 
     @classmethod
     def from_params(cls, model: BetaCLIP, params, tokenizer=None, **kwargs) -> "Encoder":
-        """An Encoder on live (e.g. training) params; nothing is copied or re-laid out."""
+        """An Encoder on live (e.g. training) params; nothing is copied or re-laid out.
+
+        With `mesh=` (the trainer's), inputs are this process's rows, split over the mesh's batch
+        axes, and outputs are this process's rows again: every process must make the same calls.
+        """
         return cls(model, params, tokenizer, **kwargs)
+
+    def _call(self, fn, chunk: list[np.ndarray]):
+        if self.mesh is None:
+            return fn(self.params, *chunk)
+        from jax.experimental import multihost_utils
+
+        from beta_clip_jax.sharding import BATCH_AXES, batch_sharding
+
+        sharding = batch_sharding(self.mesh)
+        inputs = [jax.make_array_from_process_local_data(sharding, c) for c in chunk]
+        with jax.set_mesh(self.mesh):
+            out = fn(self.params, *inputs)
+        spec = jax.sharding.PartitionSpec(BATCH_AXES)
+        return jax.tree.map(
+            lambda x: multihost_utils.global_array_to_host_local_array(x, self.mesh, spec), out
+        )
 
     @property
     def tokenizer(self):
@@ -113,7 +140,7 @@ class Encoder:
             m = len(chunk[0])
             if m < b:
                 chunk = [np.concatenate([c, np.repeat(c[:1], b - m, 0)]) for c in chunk]
-            result = fn(self.params, *chunk)
+            result = self._call(fn, chunk)
             outs.append(np.asarray(result if out is None else result[out])[:m])
         if not outs:
             return np.zeros((0, self.model.config.embed_dim), np.float32)

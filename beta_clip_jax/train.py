@@ -102,7 +102,7 @@ def _build_evaluators(config):
     return build_evaluators(config.evals, image_size=step_lib.image_size(config))
 
 
-def run_evaluators(evaluators, model, params, tokenizer, step, writer, *, force=False):
+def run_evaluators(evaluators, model, params, tokenizer, step, writer, *, force=False, mesh=None):
     """Runs the evaluators due at this step (all when forced); {dataset: {metric: value}}."""
     from beta_clip_jax.api import Encoder
     from beta_clip_jax.evals import registry
@@ -110,7 +110,7 @@ def run_evaluators(evaluators, model, params, tokenizer, step, writer, *, force=
     if not any(force or e.should_run(step) for e in evaluators):
         return {}
     start = time.perf_counter()
-    encoder = Encoder.from_params(model, params, tokenizer)
+    encoder = Encoder.from_params(model, params, tokenizer, mesh=mesh)
     results = registry.run_evaluators(evaluators, encoder, None if force else step)
     scalars = registry.flatten(results)
     scalars["perf/eval_time_sec"] = time.perf_counter() - start
@@ -169,7 +169,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     pending = None  # (step, metrics) of the previous step, checked one step late
     try:
         if start == 0:
-            run_evaluators(evaluators, model, state.params, tokenizer, 0, writer)
+            run_evaluators(evaluators, model, state.params, tokenizer, 0, writer, mesh=mesh)
         for step in range(start + 1, num_steps + 1):
             t0 = time.perf_counter()
             local = next(data_iter)
@@ -209,7 +209,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     force=step == num_steps,
                 )
             run_evaluators(
-                evaluators, model, state.params, tokenizer, step, writer, force=step == num_steps
+                evaluators,
+                model,
+                state.params,
+                tokenizer,
+                step,
+                writer,
+                force=step == num_steps,
+                mesh=mesh,
             )
         logging.info("done: %d steps", num_steps)
         return last
