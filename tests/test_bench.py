@@ -1,0 +1,79 @@
+"""bench: runs on CPU for the tiny model and reports every figure (keys present, finite, > 0)."""
+
+import math
+
+import pytest
+
+from beta_clip_jax import bench
+
+
+def _positive(x, name):
+    assert isinstance(x, (int, float)) and math.isfinite(x) and x > 0, (name, x)
+
+
+def _tiny(**mesh):
+    return bench.bench_config(
+        variant="tiny",
+        batch=4,
+        k=3,
+        text_length=16,
+        phrase_length=8,
+        mesh={"data": -1, "fsdp": 1, "tensor": 1, "num_devices": 1, **mesh},
+    )
+
+
+def test_tiny_bench_reports_every_figure():
+    # FSDP over 2 simulated devices: parameters sharded, FLOPs and MFU per device.
+    r = bench.run(
+        _tiny(data=1, fsdp=2, num_devices=2),
+        steps=2,
+        warmup=1,
+        with_breakdown=True,
+        sweep_k=[1, 3],
+        sweep_groups=[2, 4],
+        pipeline={"batch_size": 4, "batches": 1, "workers": 0, "hw": (40, 48)},
+    )
+    assert r["config"]["texts_per_image"] == 3 and r["config"]["scan_layers"]
+    assert r["config"]["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+    for key in ("lower_s", "compile_s"):
+        _positive(r["compile"][key], key)
+    for key in ("median_s", "examples_per_s", "pairs_per_s"):
+        _positive(r["step"][key], key)
+    assert r["step"]["pairs_per_s"] == pytest.approx(3 * r["step"]["examples_per_s"])
+    fl = r["flops"]
+    for key in ("per_step_per_device", "per_example", "compiled_step_own", "mfu"):
+        _positive(fl[key], key)
+    for key in ("achieved_tflops_per_device", "peak_tflops_per_device"):
+        _positive(fl[key], key)
+    # Scanned layers: the compiled step counts each loop body once, the unrolled twin all of them.
+    assert fl["per_step_per_device"] > fl["compiled_step_own"]
+    assert "measured" in fl["peak_source"]
+    for key in ("argument_bytes", "temp_bytes", "peak_estimate_bytes", "rss_bytes"):
+        _positive(r["memory"][key], key)
+    for source in ("jpeg", "synthetic"):
+        _positive(r["pipeline"][source]["images_per_sec"], source)
+    parts = r["breakdown"]["parts"]
+    assert set(parts) == {"towers", "pooler", "loss", "optimizer"}
+    for name, part in parts.items():
+        for key in ("median_s", "flops", "time_share", "flop_share"):
+            _positive(part[key], f"{name}.{key}")
+    assert sum(p["flop_share"] for p in parts.values()) == pytest.approx(1.0)
+    sweep = r["breakdown"]["sweep"]
+    assert [row["k"] for row in sweep] == [1, 3]
+    assert sweep[1]["towers_gflops"] > sweep[0]["towers_gflops"]
+    # Grouped β-CAL per image grows with the group; the pooler with K.
+    assert sweep[1]["g4"]["loss_gflops"] > sweep[1]["g2"]["loss_gflops"]
+    assert sweep[1]["pooler_gflops"] > sweep[0]["pooler_gflops"]
+    table = bench.format_table(r)
+    assert "MFU" in table and "pipeline images/s" in table and "towers" in table
+
+
+def test_peak_table_and_config_overrides():
+    assert bench.table_peak("NVIDIA H100 80GB HBM3", "bfloat16")[0] == 989.0
+    assert bench.table_peak("NVIDIA H100 PCIe", "bfloat16")[0] == 756.0
+    assert bench.table_peak("TPU v5 lite", "float32")[0] == 197.0
+    assert bench.table_peak("cpu", "float32") is None
+    cfg = bench.bench_config(variant="B/16", batch=8, k=6, dtype="bfloat16", remat="full")
+    assert (cfg.data.max_sentences, cfg.data.max_phrases, cfg.loss.group_size) == (5, 0, 8)
+    assert (cfg.model.vision_width, cfg.model.dtype, cfg.model.remat) == (768, "bfloat16", "full")
+    assert bench.texts_per_image(bench.bench_config(variant="tiny", k=1)) == 1
