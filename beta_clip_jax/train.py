@@ -125,8 +125,20 @@ def _setup_workdir(config, workdir):
         checkpoint.write_json(str(epath.Path(workdir) / "config.json"), config.to_dict())
 
 
+def _no_compilation_cache_on_cpu_clusters():
+    """Multi-process CPU: JAX's persistent cache keys differ per process and only process 0
+    writes, so process 0 alone would load cached executables, whose gloo collectives do not
+    pair with the other processes' fresh ones (gloo aborts: "Received data size doesn't match
+    expected size"). Must run before the first compile; GPU and TPU share one key and keep it."""
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        if jax.config.jax_enable_compilation_cache:
+            logging.info("multi-process CPU run: persistent compilation cache off")
+        jax.config.update("jax_enable_compilation_cache", False)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains (or, with config.mode == 'eval', only evaluates) and returns the last metrics."""
+    _no_compilation_cache_on_cpu_clusters()
     config = resolve_config(config)
     check_config(config, sharding.mesh_device_count(config.mesh), jax.process_count())
     mesh = sharding.make_mesh(config.mesh)
