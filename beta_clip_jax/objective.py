@@ -127,7 +127,7 @@ def training_loss(outputs, valid, loss_cfg):
 
     "smartclip" and "holistic" train on the model's caption + sentence slots ("sentence_text")
     with their own loss alone (loss_global, the plain CLS<->caption InfoNCE, is then only
-    logged); their metrics appear under smartclip/* and holistic/*.
+    logged); their metrics: smartclip_* and m2m_* (methods/smartclip.py, methods/holistic.py).
     """
     name = loss_cfg.name
     if name not in LOSS_NAMES:
@@ -149,7 +149,7 @@ def training_loss(outputs, valid, loss_cfg):
 
     if name in METHOD_LOSSES:
         loss, m_x = METHOD_LOSSES[name](outputs, valid, s_g, loss_cfg)
-        metrics.update({f"{name}/{key}": val for key, val in m_x.items()})
+        metrics.update(m_x)
 
     if name == "beta_clip":
         s_c = scale_from_log(outputs["pooler_logit_scale"])

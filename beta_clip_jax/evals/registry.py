@@ -15,6 +15,7 @@ from typing import Any
 
 from beta_clip_jax.evals.base import Evaluator, cfg_get
 from beta_clip_jax.evals.fgovd import FgovdEvaluator
+from beta_clip_jax.evals.intramodal import IntraModalEvaluator
 from beta_clip_jax.evals.retrieval import TCI_PREFIX, RetrievalEvaluator
 from beta_clip_jax.evals.synthetic_eval import SyntheticEvaluator
 from beta_clip_jax.evals.zeroshot import ZeroShotEvaluator
@@ -28,6 +29,7 @@ KINDS: dict[str, type[Evaluator]] = {
     "fgovd": FgovdEvaluator,
     "zeroshot": ZeroShotEvaluator,
     "synthetic": SyntheticEvaluator,
+    "intramodal": IntraModalEvaluator,
 }
 
 

@@ -2,6 +2,12 @@
 
 The parameter tree and method signatures are the ones docs/CONTRACTS.md fixes; export,
 checkpoints and the trainer depend on them.
+
+`config.method` adds another method's training outputs (docs/methods.md); with the default
+"beta_clip" nothing changes. "smartclip" adds the mask head `smart_mask` (training only:
+encode_image / encode_text never use it, and export ignores it). "holistic" gives the vision
+tower `image_branches` K embeddings per image; encode_image then returns their fusion, so every
+evaluator and `api.Encoder` score with the fused embedding.
 """
 
 import math
@@ -14,6 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from beta_clip_jax.methods.holistic import fuse_branches
+from beta_clip_jax.methods.smartclip import MaskHead
 from beta_clip_jax.models.layers import logical_init
 from beta_clip_jax.models.pooler import TextConditionedPooler
 from beta_clip_jax.models.text import TextTower
@@ -58,6 +66,10 @@ class BetaCLIP(nn.Module):
             dtype=dt,
             scan_layers=c.scan_layers,
             remat=c.remat,
+            branches=c.image_branches,
+            branch_type=c.branch_type,
+            branch_layers=c.branch_layers,
+            cls_attention=c.branch_cls_attention,
         )
         self.text = TextTower(
             vocab_size=c.vocab_size,
@@ -72,12 +84,26 @@ class BetaCLIP(nn.Module):
             remat=c.remat,
         )
         self.pooler = TextConditionedPooler(num_heads=c.pooler_heads, dtype=dt)
+        if c.method == "smartclip":
+            self.smart_mask = MaskHead(
+                embed_dim=c.embed_dim, num_heads=c.mask_heads or c.text_heads, dtype=dt
+            )
         self.logit_scale = self.param(
             "logit_scale", logical_init(nn.initializers.constant(LOGIT_SCALE_INIT), ()), ()
         )
 
     def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Normalised float images [B, H, W, 3] -> (cls [B, E], patches [B, P, E]), projected."""
+        """Normalised float images [B, H, W, 3] -> (cls [B, E], patches [B, P, E]), projected.
+
+        A Holistic model's cls is the fusion of its branches: the mean of the L2-normalised
+        branch embeddings (its cosine with a text, after renormalising, ranks texts exactly as
+        the paper's mean of branch logits does).
+        """
+        cls, patches = self.encode_image_branches(images)
+        return (fuse_branches(cls) if cls.ndim == 3 else cls), patches
+
+    def encode_image_branches(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(cls, patches) with cls [B, K, E] for a multi-branch (Holistic) model, else [B, E]."""
         return self.visual(images)
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
@@ -91,9 +117,31 @@ class BetaCLIP(nn.Module):
         return self.pooler(text_emb, patches)
 
     def __call__(self, images: jax.Array, sentences: jax.Array, phrases: jax.Array) -> dict:
-        """One training forward: images [B,H,W,3], sentences [B,1+S,Ls], phrases [B,Kp,Lp]."""
-        cls, patches = self.encode_image(images)
-        text = self.encode_text(sentences)
+        """One training forward: images [B,H,W,3], sentences [B,1+S,Ls], phrases [B,Kp,Lp].
+
+        Method outputs, only when config.method asks for them: "sentence_text" [B, 1+S, E]
+        (caption + sentence slots, the texts SmartCLIP and Holistic CLIP train on),
+        "smart_mask" [B, 1+S, E] (SmartCLIP, binary forward / straight-through backward),
+        "image_branches" [B, K, E] (Holistic; "image" is then their fusion).
+        """
+        c = self.config
+        branches, patches = self.encode_image_branches(images)
+        cls = fuse_branches(branches) if branches.ndim == 3 else branches
+        extra = {}
+        if c.method == "smartclip":
+            lead = sentences.shape[:-1]
+            flat = sentences.reshape(-1, sentences.shape[-1])
+            text, states = self.text(flat, return_tokens=True)
+            text = text.reshape(*lead, text.shape[-1])
+            mask, _ = self.smart_mask(states.reshape(*lead, *states.shape[1:]), sentences != 0)
+            extra = {"sentence_text": text, "smart_mask": mask}
+        else:
+            text = self.encode_text(sentences)
+        if c.method == "holistic":
+            extra = {
+                "sentence_text": text,
+                "image_branches": branches if branches.ndim == 3 else branches[:, None],
+            }
         if phrases.shape[1]:
             text = jnp.concatenate([text, self.encode_text(phrases)], axis=1)
         pooled, _ = self.pool(text, patches)
@@ -104,6 +152,7 @@ class BetaCLIP(nn.Module):
             "pooled": pooled,
             "logit_scale": self.logit_scale,
             "pooler_logit_scale": nn.unbox(self.pooler.variables["params"]["logit_scale"]),
+            **extra,
         }
 
 
@@ -132,3 +181,88 @@ def param_shapes(model: BetaCLIP) -> dict:
     """Shapes (jax.ShapeDtypeStruct tree) of the unboxed parameters, without allocating them."""
     out = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model.config))
     return nn.unbox(out["params"])
+
+
+def complete_params(params: Mapping, model: BetaCLIP, rng: jax.Array | None = None) -> dict:
+    """A plain beta-CLIP tree (e.g. pretrained weights) -> the tree `model`'s method needs.
+
+    Parameters the method adds start as: the SmartCLIP mask head freshly initialised (all masks
+    start all-ones); Holistic "cls" branch tokens as copies of the pretrained class token and its
+    position row (branches then differ only by their captions); Holistic "mlp" branched blocks
+    as the pretrained blocks with fc2 tiled K times (the same model run K times). Everything
+    already of the right shape is kept. A default-method model gets `params` back unchanged.
+    """
+    c = model.config
+    want = param_shapes(model)
+    out = jax.tree.map(np.asarray, dict(params))
+    if c.method == "smartclip" and "smart_mask" not in out:
+        rng = jax.random.key(0) if rng is None else rng
+        out["smart_mask"] = _init_mask_head(c, rng)
+    if c.method == "holistic" and c.image_branches > 1:
+        visual = dict(out["visual"])
+        k = c.image_branches
+        if c.branch_type == "cls" and "branch_tokens" not in visual:
+            visual["branch_tokens"] = {
+                "class_embedding": np.tile(visual["class_embedding"][None], (k - 1, 1)),
+                "class_positional_embedding": np.tile(
+                    visual["positional_embedding"][:1], (k - 1, 1)
+                ),
+            }
+        plain_last = np.ndim(visual["last_block"]["fc2"]["kernel"]) == 2
+        if c.branch_type == "mlp" and plain_last:
+            visual = _branch_blocks(visual, c.vision_layers, c.branch_layers, k)
+        out["visual"] = visual
+    have = _flat_shapes(out)
+    need = _flat_shapes(want)
+    if have != need:
+        differ = sorted(p for p in set(have) | set(need) if have.get(p) != need.get(p))
+        detail = "; ".join(f"{p}: {have.get(p)} vs model {need.get(p)}" for p in differ[:8])
+        raise ValueError(f"cannot complete the params for method {c.method!r}: {detail}")
+    return out
+
+
+def _flat_shapes(tree) -> dict:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in leaves}
+
+
+def _init_mask_head(c, rng) -> dict:
+    head = MaskHead(embed_dim=c.embed_dim, num_heads=c.mask_heads or c.text_heads)
+    dummy = jnp.zeros((1, 1, 4, c.text_width), jnp.float32)
+    params = jax.jit(head.init)(rng, dummy, jnp.ones((1, 1, 4), bool))["params"]
+    return jax.tree.map(np.asarray, nn.unbox(params))
+
+
+def _branch_blocks(visual: dict, layers: int, n: int, k: int) -> dict:
+    """Plain "blocks" (L-1 stacked) + "last_block" -> the MLP form's three block groups."""
+
+    def tile_fc2(block, axis):
+        fc2 = block["fc2"]
+        tiled = {key: np.repeat(np.expand_dims(fc2[key], axis), k, axis) for key in fc2}
+        return {**block, "fc2": tiled}
+
+    visual = dict(visual)
+    blocks = visual.pop("blocks")
+    split = layers - n
+    if split > 0:
+        visual["blocks"] = jax.tree.map(lambda x: x[:split], blocks)
+    if n > 1:
+        visual["branch_blocks"] = tile_fc2(jax.tree.map(lambda x: x[split:], blocks), 1)
+    visual["last_block"] = tile_fc2(visual["last_block"], 0)
+    return visual
+
+
+def inference_params(params: Mapping, model_cfg) -> tuple[dict, ml_collections.ConfigDict]:
+    """(params, model config) without the training-only parts, for export and inference.
+
+    SmartCLIP's mask head is dropped and the method reset to "beta_clip" (encode_image and
+    encode_text never use it, so every embedding is unchanged); a one-branch Holistic model
+    is a plain model. A multi-branch Holistic model keeps its branches: they are part of
+    inference (its image embedding is their fusion).
+    """
+    cfg = resolve_model_config(model_cfg)
+    out = dict(params)
+    if cfg.method == "smartclip" or (cfg.method == "holistic" and cfg.image_branches == 1):
+        out.pop("smart_mask", None)
+        cfg.method = "beta_clip"
+    return out, cfg

@@ -67,9 +67,15 @@ class ResidualBlock(nn.Module):
     """Pre-LN block: x + MHA(LN1 x), then + MLP(LN2 x).
 
     mode "full": bidirectional attention (vision); "causal": text; "mixed": beta-CLIP's last
-    vision block, where row 0 (CLS) attends to all tokens and every other row takes the value-only
-    path a_p = W_o (W_v u_p + b_v) + b_o (no token mixing), so patch tokens stay local.
-    With `carry=True` the call signature is (x, _) -> (x, None), the form nn.scan wants.
+    vision block, where the first `num_cls` rows (CLS) attend to all tokens and every other row
+    takes the value-only path a_p = W_o (W_v u_p + b_v) + b_o (no token mixing), so patch tokens
+    stay local. `attn` (optional, broadcastable to [B, heads, L, L]) is a boolean mask (True =
+    may attend) or an additive float bias (Holistic CLIP's multi-CLS attention).
+    `branches` = K > 0 (Holistic CLIP's MLP form): x is [B, K, L, W], K streams that share every
+    weight and attend only within themselves, except the MLP's second layer: `fc2` then holds
+    one kernel [K, 4W, W] and bias [K, W] per branch (a plain block's fc2 tiled K times is the
+    same block run K times).
+    With `carry=True` the call signature is (x, attn) -> (x, None), the form nn.scan wants.
     """
 
     width: int
@@ -77,23 +83,40 @@ class ResidualBlock(nn.Module):
     mode: str = "full"
     dtype: Any = _F32
     carry: bool = False
+    num_cls: int = 1
+    branches: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, _: Any = None):
+    def __call__(self, x: jax.Array, attn: jax.Array | None = None):
         e, h, cd = self.width, self.heads, self.dtype
         dh = e // h
         std = e**-0.5
+        stream_shape = x.shape
+        if self.branches:
+            x = x.reshape((-1,) + x.shape[2:])  # streams become batch rows
 
         y = LayerNorm(name="ln_1")(x)
         q = _heads_proj("query", h, dh, cd, std)(y)
         k = _heads_proj("key", h, dh, cd, std)(y)
         v = _heads_proj("value", h, dh, cd, std)(y)
+        mask = bias = None
+        if attn is not None:
+            mask, bias = (attn, None) if attn.dtype == jnp.bool_ else (None, attn.astype(q.dtype))
         if self.mode == "mixed":
-            # Only the CLS query needs real attention; patch rows are their own values.
-            cls_ctx = jax.nn.dot_product_attention(q[:, :1], k, v)
-            ctx = jnp.concatenate([cls_ctx, v[:, 1:]], axis=1)
+            # Only the CLS queries need real attention; patch rows are their own values.
+            n = self.num_cls
+            cls_ctx = jax.nn.dot_product_attention(
+                q[:, :n],
+                k,
+                v,
+                mask=None if mask is None else mask[..., :n, :],
+                bias=None if bias is None else bias[..., :n, :],
+            )
+            ctx = jnp.concatenate([cls_ctx, v[:, n:]], axis=1)
         elif self.mode in ("full", "causal"):
-            ctx = jax.nn.dot_product_attention(q, k, v, is_causal=self.mode == "causal")
+            ctx = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, bias=bias, is_causal=self.mode == "causal"
+            )
         else:
             raise ValueError(f"unknown block mode {self.mode!r}")
         o = nn.DenseGeneral(
@@ -116,17 +139,45 @@ class ResidualBlock(nn.Module):
             bias_init=logical_init(nn.initializers.zeros_init(), ("mlp",)),
             name="fc1",
         )(y)
-        y = nn.Dense(
-            e,
-            dtype=cd,
-            param_dtype=_F32,
-            kernel_init=logical_init(nn.initializers.normal(std), ("mlp", "embed")),
-            bias_init=logical_init(nn.initializers.zeros_init(), ("embed",)),
-            name="fc2",
-        )(quick_gelu(y))
-        x = x + y.astype(_F32)
-        x = nn.with_logical_constraint(x, ("batch", "length", None))
+        if self.branches:
+            x = x.reshape(stream_shape)
+            y = BranchedDense(e, cd, std, name="fc2")(quick_gelu(y).reshape(*stream_shape[:3], -1))
+            x = x + y.astype(_F32)
+            x = nn.with_logical_constraint(x, ("batch", None, "length", None))
+        else:
+            y = nn.Dense(
+                e,
+                dtype=cd,
+                param_dtype=_F32,
+                kernel_init=logical_init(nn.initializers.normal(std), ("mlp", "embed")),
+                bias_init=logical_init(nn.initializers.zeros_init(), ("embed",)),
+                name="fc2",
+            )(quick_gelu(y))
+            x = x + y.astype(_F32)
+            x = nn.with_logical_constraint(x, ("batch", "length", None))
         return (x, None) if self.carry else x
+
+
+class BranchedDense(nn.Module):
+    """[B, K, L, D] -> [B, K, L, F]: one Dense per branch (kernel [K, D, F], bias [K, F])."""
+
+    features: int
+    dtype: Any = _F32
+    std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, d = x.shape[1], x.shape[-1]
+        kernel = self.param(
+            "kernel",
+            logical_init(nn.initializers.normal(self.std), (None, "mlp", "embed")),
+            (k, d, self.features),
+        )
+        bias = self.param(
+            "bias", logical_init(nn.initializers.zeros_init(), (None, "embed")), (k, self.features)
+        )
+        y = jnp.einsum("bkld,kdf->bklf", x.astype(self.dtype), kernel.astype(self.dtype))
+        return y.astype(_F32) + bias[None, :, None, :]
 
 
 def block_stack(
@@ -139,12 +190,14 @@ def block_stack(
     scan_layers: bool,
     remat: str,
     name: str = "blocks",
+    branches: int = 0,
 ):
     """`num_layers` residual blocks with parameters stacked on a leading "layers" axis.
 
     Always built with nn.scan so the parameter tree is the same in both modes; scan_layers=False
     unrolls the loop fully (no while loop in the compiled program), which can be faster to run
-    and slower to compile. Returns a module called as `x, _ = stack(x, None)`.
+    and slower to compile. Returns a module called as `x, _ = stack(x, attn)` (attn: None or the
+    blocks' shared attention mask / bias, see ResidualBlock).
     """
     block_cls = ResidualBlock
     use_remat, policy = remat_policy(remat)
@@ -160,7 +213,9 @@ def block_stack(
         unroll=1 if scan_layers else num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    return scanned(width=width, heads=heads, mode=mode, dtype=dtype, carry=True, name=name)
+    return scanned(
+        width=width, heads=heads, mode=mode, dtype=dtype, carry=True, branches=branches, name=name
+    )
 
 
 def dense_proj(features: int, dtype: Any, std: float, name: str) -> nn.Dense:

@@ -15,7 +15,11 @@ from beta_clip_jax.models.layers import LayerNorm, block_stack, dense_proj, logi
 
 
 class TextTower(nn.Module):
-    """tokens int32 [N, L] -> [N, E], the projected hidden state at the first EOT (argmax id)."""
+    """tokens int32 [N, L] -> [N, E], the projected hidden state at the first EOT (argmax id).
+
+    With `return_tokens=True` -> ([N, E], [N, L, W]): also every token's last hidden state after
+    ln_final, before the projection (SmartCLIP's mask head reads them).
+    """
 
     vocab_size: int
     context_length: int
@@ -29,7 +33,7 @@ class TextTower(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, return_tokens: bool = False):
         n, length = tokens.shape
         if length > self.context_length:
             raise ValueError(
@@ -67,6 +71,11 @@ class TextTower(nn.Module):
         # EOT (49407) is the largest id, so argmax finds the first EOT even with zero padding;
         # LayerNorm is per token, so applying it after the gather is the same and cheaper.
         eot = jnp.argmax(tokens, axis=-1)
-        x = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
-        x = LayerNorm(name="ln_final")(x)
-        return dense_proj(self.embed_dim, self.dtype, d**-0.5, "proj")(x).astype(jnp.float32)
+        ln_final = LayerNorm(name="ln_final")
+        states = ln_final(x) if return_tokens else None
+        if return_tokens:
+            x = jnp.take_along_axis(states, eot[:, None, None], axis=1)[:, 0]
+        else:
+            x = ln_final(jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0])
+        out = dense_proj(self.embed_dim, self.dtype, d**-0.5, "proj")(x).astype(jnp.float32)
+        return (out, states) if return_tokens else out

@@ -25,13 +25,25 @@ SHAPE_FIELDS = (
     "pooler_heads",
 )
 
-# Options that change computation but not parameters.
+# Options with a default. The first four change computation only. The method fields add
+# parameters only when their method is on; with the defaults the tree is exactly beta-CLIP's.
 OPTION_DEFAULTS = {
     "dtype": "float32",  # compute dtype of matmuls; parameters are always float32
     "scan_layers": True,  # nn.scan over the stacked layers (False unrolls; same param tree)
     "remat": "none",  # "none" | "full" | "dots"
     "frozen_positions": 20,  # leading text positions kept fixed (Long-CLIP stretching)
+    # Which method's training outputs the model adds (docs/methods.md):
+    #   "beta_clip": none (plain tree); "smartclip": mask head `smart_mask` -> outputs
+    #   smart_mask; "holistic": K image branches -> outputs image_branches, fused CLS.
+    "method": "beta_clip",
+    "mask_heads": 0,  # smartclip: mask head attention heads (0: text_heads)
+    "image_branches": 1,  # holistic: K image embeddings per image (1: one CLS, the O2M case)
+    "branch_type": "cls",  # holistic: "cls" (K class tokens) | "mlp" (per-branch fc2)
+    "branch_layers": 3,  # holistic "mlp": how many last vision blocks are branched
+    "branch_cls_attention": "block",  # holistic "cls": "block" | "bias" (released +1 quirk)
 }
+METHODS = ("beta_clip", "smartclip", "holistic")
+BRANCH_TYPES = ("cls", "mlp")
 
 _TABLE_COLUMNS = SHAPE_FIELDS[:8] + ("embed_dim", "pooler_heads")
 
@@ -124,8 +136,29 @@ def _validate(c: ml_collections.ConfigDict) -> None:
         errors.append(f"vision_layers={c.vision_layers} (the mixed last block needs at least 1)")
     if not 0 <= c.frozen_positions <= c.context_length:
         errors.append(f"frozen_positions={c.frozen_positions} outside [0, {c.context_length}]")
+    errors += _method_errors(c)
     if errors:
         raise ValueError("invalid model config: " + "; ".join(errors))
+
+
+def _method_errors(c: ml_collections.ConfigDict) -> list[str]:
+    errors = []
+    if c.method not in METHODS:
+        errors.append(f"method={c.method!r} (allowed {METHODS})")
+    if c.image_branches < 1:
+        errors.append(f"image_branches={c.image_branches} (at least 1)")
+    elif c.image_branches > 1 and c.method != "holistic":
+        errors.append(f"image_branches={c.image_branches} needs method='holistic'")
+    if c.branch_type not in BRANCH_TYPES:
+        errors.append(f"branch_type={c.branch_type!r} (allowed {BRANCH_TYPES})")
+    if c.branch_cls_attention not in ("block", "bias"):
+        errors.append(f"branch_cls_attention={c.branch_cls_attention!r} (allowed block, bias)")
+    if c.branch_type == "mlp" and not 1 <= c.branch_layers <= c.vision_layers:
+        errors.append(f"branch_layers={c.branch_layers} outside [1, {c.vision_layers}]")
+    heads = c.mask_heads or c.text_heads
+    if c.method == "smartclip" and (heads < 1 or c.text_width % heads):
+        errors.append(f"text_width={c.text_width} is not divisible by mask_heads={heads}")
+    return errors
 
 
 def num_patches(c: ml_collections.ConfigDict) -> int:

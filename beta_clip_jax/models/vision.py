@@ -4,6 +4,15 @@ Blocks 1..L-1 are standard and stacked under "blocks"; block L is the separate m
 "last_block", where CLS keeps full attention and patch rows take the value-only path. ln_post and
 the projection run on all tokens, so one call yields both the standard CLIP image embedding (CLS)
 and projected patch tokens for the pooler and dense evaluation.
+
+Holistic CLIP's K image branches (spec/other_seeds.md c.3), only when `branches` > 1:
+* "cls": K-1 extra class tokens `branch_tokens/{class_embedding, class_positional_embedding}`
+  [K-1, W] follow the original CLS (branch 0); CLS i never attends to CLS j (or, with
+  cls_attention="bias", gets the released code's +1 logit bias instead).
+* "mlp": the last `branch_layers` blocks run K streams with a per-branch `fc2` ([K, 4W, W]):
+  "blocks" then stacks L - n standard blocks, "branch_blocks" the n - 1 branched ones, and
+  "last_block" is branched too. Patch tokens are the mean of the K streams.
+Every branch ends in the shared ln_post and proj; the first output is then [B, K, E].
 """
 
 from typing import Any
@@ -12,6 +21,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from beta_clip_jax.methods.holistic import (
+    MultiClassTokens,
+    cls_attention_bias,
+    cls_attention_mask,
+    split_branches,
+)
 from beta_clip_jax.models.layers import (
     LayerNorm,
     ResidualBlock,
@@ -23,7 +38,10 @@ from beta_clip_jax.models.layers import (
 
 
 class VisionTower(nn.Module):
-    """images [B, H, W, 3] (float, OpenAI-normalised) -> (cls [B, E], patches [B, P, E])."""
+    """images [B, H, W, 3] (float, OpenAI-normalised) -> (cls [B, E], patches [B, P, E]).
+
+    With branches K > 1 the first output is the K branch embeddings [B, K, E].
+    """
 
     image_size: int
     patch_size: int
@@ -34,6 +52,10 @@ class VisionTower(nn.Module):
     dtype: Any = jnp.float32
     scan_layers: bool = True
     remat: str = "none"
+    branches: int = 1
+    branch_type: str = "cls"
+    branch_layers: int = 3
+    cls_attention: str = "block"
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -70,25 +92,51 @@ class VisionTower(nn.Module):
             (n + 1, d),
         )
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1) + pos
+        k_cls = self.branches if self.branches > 1 and self.branch_type == "cls" else 1
+        attn = None
+        if k_cls > 1:
+            extra = MultiClassTokens(k_cls - 1, name="branch_tokens")(x[:, 1:])
+            x = jnp.concatenate([x[:, :1], extra], axis=1)
+            make = cls_attention_mask if self.cls_attention == "block" else cls_attention_bias
+            attn = make(k_cls, x.shape[1])
         x = LayerNorm(name="ln_pre")(x)
         x = nn.with_logical_constraint(x, ("batch", "length", None))
 
-        if self.layers > 1:
-            x, _ = block_stack(
-                self.layers - 1,
-                d,
-                self.heads,
-                mode="full",
-                dtype=self.dtype,
-                scan_layers=self.scan_layers,
-                remat=self.remat,
-            )(x, None)
+        k_mlp = self.branches if self.branches > 1 and self.branch_type == "mlp" else 0
+        n_plain = self.layers - 1 if not k_mlp else self.layers - self.branch_layers
+        stack = dict(dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat)
+        if n_plain > 0:
+            x, _ = block_stack(n_plain, d, self.heads, mode="full", **stack)(x, attn)
+        if k_mlp:
+            x = split_branches(x, k_mlp)
+            if self.branch_layers > 1:
+                x, _ = block_stack(
+                    self.branch_layers - 1,
+                    d,
+                    self.heads,
+                    mode="full",
+                    name="branch_blocks",
+                    branches=k_mlp,
+                    **stack,
+                )(x, None)
         last_cls = ResidualBlock
         use_remat, policy = remat_policy(self.remat)
         if use_remat:
             last_cls = nn.remat(ResidualBlock, policy=policy)
-        x = last_cls(d, self.heads, mode="mixed", dtype=self.dtype, name="last_block")(x)
+        x = last_cls(
+            d,
+            self.heads,
+            mode="mixed",
+            dtype=self.dtype,
+            num_cls=k_cls,
+            branches=k_mlp,
+            name="last_block",
+        )(x, attn)
 
         x = LayerNorm(name="ln_post")(x)
         x = dense_proj(self.embed_dim, self.dtype, scale, "proj")(x).astype(jnp.float32)
+        if k_mlp:
+            return x[:, :, 0], x[:, :, 1:].mean(axis=1)
+        if k_cls > 1:
+            return x[:, :k_cls], x[:, k_cls:]
         return x[:, 0], x[:, 1:]
