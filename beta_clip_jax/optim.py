@@ -37,6 +37,9 @@ def optim_defaults() -> ml_collections.ConfigDict:
             "eps": 1e-8,
             "grad_accum": 1,
             "grad_clip": 0.0,
+            # SmartCLIP: the mask head's updates are zero for this many steps, so a run from
+            # scratch first trains plain CLIP (masks start all-ones) before masks may sparsify.
+            "mask_delay_steps": 0,
         }
     )
 
@@ -100,6 +103,24 @@ def freeze_text_rows(num_rows: int) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
+def delay_subtree(name: str, steps: int) -> optax.GradientTransformation:
+    """Zeroes the updates of params[name] for the first `steps` optimiser steps."""
+
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        if name in updates:
+            on = (state.count >= steps).astype(jnp.float32)
+            delayed = jax.tree.map(lambda u: u * on.astype(u.dtype), updates[name])
+            updates = {**updates, name: delayed}
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def _adamw(schedule, optim_cfg):
     return optax.adamw(
         schedule,
@@ -127,4 +148,7 @@ def make_optimizer(optim_cfg, total_steps: int, frozen_positions: int):
         )
     )
     parts.append(freeze_text_rows(frozen_positions))
+    delay = int(optim_cfg.get("mask_delay_steps", 0) or 0)
+    if delay > 0:  # only then: the optimiser state of every other run stays as it was
+        parts.append(delay_subtree("smart_mask", delay))
     return optax.chain(*parts), schedules

@@ -304,3 +304,26 @@ def test_intramodal_on_real_layouts(tmp_path):
     assert all(0.0 <= v <= 100.0 for v in (*a.values(), *b.values()))
     with pytest.raises(FileNotFoundError, match="one folder per class"):
         build_evaluators({"x": {"kind": "intramodal", "image_root": str(tmp_path / "nope")}})
+
+
+def test_mask_head_updates_are_delayed():
+    import optax
+
+    from beta_clip_jax.optim import make_optimizer, optim_defaults
+
+    cfg = optim_defaults()
+    cfg.mask_delay_steps = 2
+    tx, _ = make_optimizer(cfg, total_steps=10, frozen_positions=0)
+    params = {"smart_mask": {"w": jnp.ones(3)}, "text": {"w": jnp.ones(3)}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    state = tx.init(params)
+    moved = []
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        moved.append(float(jnp.abs(updates["smart_mask"]["w"]).sum()))
+        assert float(jnp.abs(updates["text"]["w"]).sum()) > 0
+    assert moved[0] == moved[1] == 0.0 and moved[2] > 0
+    # Without a delay the optimiser state has no extra entry (old checkpoints still restore).
+    plain, _ = make_optimizer(optim_defaults(), total_steps=10, frozen_positions=0)
+    assert len(jax.tree.leaves(plain.init(params))) < len(jax.tree.leaves(tx.init(params)))
