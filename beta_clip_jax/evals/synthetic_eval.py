@@ -97,7 +97,8 @@ def synthetic_scores(encoder, records: list, batch_size: int, *, tci: bool) -> d
 
 class SyntheticEvaluator(Evaluator):
     """Config: num_examples (default 64), seed (default 0), split (default "eval"), image_size
-    (default: the encoder's), tci (default True); max_examples caps num_examples.
+    (default: the encoder's), tci (default True), min_objects / max_objects (default: the
+    SyntheticScenes defaults; set them as the training data's); max_examples caps num_examples.
     """
 
     kind = "synthetic"
@@ -111,6 +112,10 @@ class SyntheticEvaluator(Evaluator):
         self.split = cfg_get(cfg, "split", "eval")
         self.image_size = cfg_get(cfg, "image_size", None)
         self.tci = bool(cfg_get(cfg, "tci", True))
+        # Only what is set is passed on, so the scenes' own defaults stay in one place.
+        self.scene_options = {
+            k: int(cfg_get(cfg, k)) for k in ("min_objects", "max_objects") if cfg_get(cfg, k)
+        }
         self._records: dict[int, list] = {}
 
     def records(self, image_size: int) -> list:
@@ -123,6 +128,7 @@ class SyntheticEvaluator(Evaluator):
                 image_size=image_size,
                 seed=self.seed,
                 split=self.split,
+                **self.scene_options,
             )
             self._records[image_size] = [scenes[i] for i in range(len(scenes))]
         return self._records[image_size]
