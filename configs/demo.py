@@ -1,7 +1,7 @@
 """Demo: β-CLIP vs plain CLIP from scratch on the synthetic scenes, minutes on a CPU (draft).
 
-    python -m beta_clip_jax.main --config=configs/demo.py --workdir=runs/demo        # β-CLIP CE
-    python -m beta_clip_jax.main --config=configs/demo.py:clip --workdir=runs/clip   # plain CLIP
+python -m beta_clip_jax.main --config=configs/demo.py --workdir=runs/demo        # β-CLIP CE
+python -m beta_clip_jax.main --config=configs/demo.py:clip --workdir=runs/clip   # plain CLIP
 """
 
 from beta_clip_jax.config_defaults import base_config
