@@ -154,14 +154,31 @@ def _blockwise(v, t, valid, scale, *, axis, block_size, **kw):
         row, col, acc = carry
         row, col, stats = visit(row, col)
         if axis is not None:
-            perm = [(i, (i + 1) % ndev) for i in range(ndev)]
-            col = jax.tree.map(lambda x: jax.lax.ppermute(x, axis, perm), col)
+            col = _pass_on(col, axis, ndev)
         return (row, col, jax.tree.map(jnp.add, acc, stats)), None
 
     (row, col, acc), _ = jax.lax.scan(ring, (row0, col0, zero_stats), None, length=ndev)
     r_mx, r_se, _, r_hit = row
     _, _, _, c_mx, c_se, _, c_hit = col
     return _finish(v, t, valid, scale, r_mx, r_se, r_hit, c_mx, c_se, c_hit, acc, axis, ndev, kw)
+
+
+def _pass_on(col, axis, ndev):
+    """Sends the visiting block to the next device as ONE array (one collective per step).
+
+    Several independent collectives in one step could start in a different order on different
+    devices, which XLA's CPU runtime can deadlock on; a single packed send cannot. Flags and slot
+    ids travel as floats (exact below 2^24 slots).
+    """
+    t, m_c, gid_c, c_mx, c_se, c_best, c_hit = col
+    dt = t.dtype
+    extra = jnp.stack([m_c.astype(dt), gid_c.astype(dt), c_mx, c_se, c_best, c_hit.astype(dt)], 1)
+    packed = jax.lax.ppermute(
+        jnp.concatenate([t, extra], 1), axis, [(i, (i + 1) % ndev) for i in range(ndev)]
+    )
+    t, extra = packed[:, : t.shape[1]], packed[:, t.shape[1] :]
+    m_c, gid_c, c_mx, c_se, c_best, c_hit = (extra[:, i] for i in range(6))
+    return (t, m_c > 0, gid_c.astype(jnp.int32), c_mx, c_se, c_best, c_hit > 0)
 
 
 def _finish(v, t, valid, scale, r_mx, r_se, r_hit, c_mx, c_se, c_hit, acc, axis, ndev, kw):
