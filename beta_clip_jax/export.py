@@ -33,7 +33,7 @@ from beta_clip_jax.convert.hf import (
     write_hf_dir,
 )
 from beta_clip_jax.convert.names import flax_to_hf_state_dict, pooler_file_tensors, table_paths
-from beta_clip_jax.models.variants import resolve_model_config
+from beta_clip_jax.models.clip import inference_params
 from beta_clip_jax.tokenizer import EOT, SOT, VOCAB_SIZE, Tokenizer
 
 FORMAT = "beta_clip_jax export"
@@ -115,8 +115,11 @@ def export_params(
     train_config: Mapping | None = None,
     source: str | None = None,
 ) -> str:
-    """Writes the export of `params` (numpy or jax arrays) for `model_cfg` into `out`."""
-    cfg = resolve_model_config(model_cfg)
+    """Writes the export of `params` (numpy or jax arrays) for `model_cfg` into `out`.
+
+    Training-only parts (SmartCLIP's mask head) are dropped first: inference never uses them.
+    """
+    params, cfg = inference_params(params, model_cfg)
     _check_covered(params, cfg)
     _check_out_dir(out)
     write_hf_dir(out, flax_to_hf_state_dict(params, cfg), hf_config_from_variant(cfg))

@@ -76,20 +76,26 @@ def _restore_or_init(config, workdir, model, tx, mesh, ckpt, data_iter):
         return params, opt_state, latest, params_sh, opt_sh
     init_params = None
     if config.init:
-        init_params = load_init_params(config, params_abs)
+        init_params = load_init_params(config, params_abs, model)
     params, opt_state = step_lib.init_state(model, tx, config, mesh, params_sh, opt_sh, init_params)
     return params, opt_state, 0, params_sh, opt_sh
 
 
-def load_init_params(config, params_abs):
-    """Pretrained weights named by config.init (hf:PATH, openai:PATH or a workdir)."""
+def load_init_params(config, params_abs, model):
+    """Pretrained weights named by config.init (hf:PATH, openai:PATH or a workdir), completed
+    with the parts `model`'s method adds (SmartCLIP mask head, Holistic branches)."""
     from beta_clip_jax.convert import load_pretrained
+    from beta_clip_jax.models.clip import complete_params
 
     spec = str(config.init)
     if spec.startswith(("hf:", "openai:")):
         params, _ = load_pretrained(spec, config.model)
     else:
         params, _, _ = checkpoint.load_params_from_workdir(spec)
+    if model.config.method != "smartclip":
+        # A SmartCLIP run's mask head is training-only; other methods start without it.
+        params = {k: v for k, v in params.items() if k != "smart_mask"}
+    params = complete_params(params, model, jax.random.key(int(config.seed)))
     checkpoint.check_shapes(params, params_abs, f"init weights {spec}")
     return params
 
@@ -272,7 +278,7 @@ def _evaluate_only(config, workdir, model, tx, mesh, evaluators, tokenizer, writ
         params, _, step = checkpoint.load_params_from_workdir(workdir)
     elif config.init:
         params_abs = step_lib.state_shardings(model, tx, config, mesh)[0]
-        params, step = load_init_params(config, params_abs), 0
+        params, step = load_init_params(config, params_abs, model), 0
     else:
         raise ValueError(
             f"mode=eval needs a checkpoint under {checkpoint.checkpoint_dir(workdir)} "

@@ -209,3 +209,20 @@ def test_pooler_table_round_trip_and_errors(workdir, tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         export_params(params, cfg, str(tmp_path / "busy"))
     assert POOLER_FILE not in os.listdir(tmp_path / "busy")
+
+
+def test_smartclip_params_export_without_the_mask_head(workdir, tmp_path):
+    """A SmartCLIP model's mask head is training-only: the export drops it and keeps every other
+    parameter exactly, and the model config it records is a plain beta-CLIP one."""
+    from beta_clip_jax.models.clip import complete_params
+
+    _, params, cfg, _ = workdir
+    smart_cfg = cfg.to_dict() | {"method": "smartclip"}
+    smart = complete_params(params, build_model(resolve_model_config(smart_cfg)))
+    assert "smart_mask" in smart
+    out = export_params(smart, smart_cfg, str(tmp_path / "out"))
+    back, back_cfg, not_provided = import_pretrained(out)
+    assert not_provided == [] and back_cfg.method == "beta_clip"
+    _assert_same_params(back, params)
+    with open(os.path.join(out, META_FILE)) as f:
+        assert json.load(f)["model"]["method"] == "beta_clip"

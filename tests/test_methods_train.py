@@ -222,11 +222,29 @@ def _shrink(c):
     ],
 )
 def test_method_configs_train_and_evaluate(tmp_path, config, arg, key):
+    """Each method's config trains from plain beta-CLIP weights (config.init = a workdir) and
+    evaluates; the added parts are completed and the shared parts start from the init."""
+    from beta_clip_jax import checkpoint
     from beta_clip_jax.metrics_writer import read_metrics
     from beta_clip_jax.train import train_and_evaluate
 
     c = _shrink(_config(config, arg))
-    train_and_evaluate(c, str(tmp_path))
+    plain_cfg = c.model.to_dict() | {"method": "beta_clip", "image_branches": 1}
+    plain = _plain_workdir(str(tmp_path / "plain"), c, plain_cfg)
+    c.init = str(tmp_path / "plain")
+    train_and_evaluate(c, str(tmp_path / "run"))
+    trained, _, _ = checkpoint.load_params_from_workdir(str(tmp_path / "run"))
+    # Two small AdamW steps move a weight by about 2 x lr; a fresh init would differ by ~0.1.
+    for path in (
+        ("visual", "conv1", "kernel"),
+        ("text", "token_embedding"),
+        ("visual", "proj", "kernel"),
+    ):
+        a, b = trained, plain
+        for name in path:
+            a, b = a[name], b[name]
+        np.testing.assert_allclose(a, b, atol=20 * c.optim.lr, err_msg="/".join(path))
+    tmp_path = tmp_path / "run"
     records = read_metrics(str(tmp_path))
     merged = {k: v for r in records if r["step"] == 2 for k, v in r.items()}
     assert np.isfinite(merged["train/loss"]) and key in merged
@@ -234,6 +252,22 @@ def test_method_configs_train_and_evaluate(tmp_path, config, arg, key):
         assert f"eval/{metric}" in merged, metric
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model"]["method"] == c.model.method
+
+
+def _plain_workdir(path, config, model_cfg):
+    """A workdir of `config` holding random plain beta-CLIP weights of `model_cfg`."""
+    from beta_clip_jax import checkpoint
+    from beta_clip_jax.models.variants import resolve_model_config
+
+    cfg = resolve_model_config(model_cfg)
+    params = jax.tree.map(np.asarray, init_params(build_model(cfg), jax.random.key(11)))
+    checkpoint.write_json(
+        os.path.join(path, "config.json"), config.to_dict() | {"model": cfg.to_dict()}
+    )
+    ckpt = checkpoint.Checkpointer(path, every=1, keep=1, async_save=False)
+    ckpt.save(1, params, {"count": np.zeros((), np.int32)}, None, {}, force=True)
+    ckpt.close()
+    return params
 
 
 # ---- IsoCLIP: the written weights equal the in-memory filter --------------------------------
