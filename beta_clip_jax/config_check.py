@@ -54,7 +54,11 @@ def _check_config(config, device_count: int, process_count: int) -> None:
         )
     if batch % process_count:
         raise ValueError(f"batch_size {batch} is not divisible by {process_count} processes")
-    if config.loss.name in ("beta_clip",):
+    scope = config.loss.get("cal_scope", "group")
+    if scope not in ("group", "global"):
+        raise ValueError(f"loss.cal_scope must be 'group' or 'global', got {scope!r}")
+    # A global β-CAL takes its negatives from the whole micro-batch: no group size applies.
+    if config.loss.name == "beta_clip" and scope == "group":
         group = int(config.loss.group_size)
         if group <= 0 or micro % group:
             raise ValueError(

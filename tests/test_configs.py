@@ -64,6 +64,21 @@ def test_sizes_that_cannot_work_name_the_numbers():
         check_config(config, device_count=8, process_count=1)
 
 
+def test_group_size_applies_to_group_scope_only():
+    """A global β-CAL has no groups, so a batch that no group size divides is fine there; a
+    misspelt scope is named before anything compiles."""
+    from train_helpers import tiny_config
+
+    config = resolve_config(tiny_config(batch_size=8, **{"loss.group_size": 3}))
+    with pytest.raises(ConfigError, match="group_size 3"):
+        check_config(config, device_count=8, process_count=1)
+    config.loss.cal_scope = "global"
+    check_config(config, device_count=8, process_count=1)
+    config.loss.cal_scope = "globl"
+    with pytest.raises(ConfigError, match="'globl'"):
+        check_config(config, device_count=8, process_count=1)
+
+
 def test_variant_override_changes_every_shape():
     config = _load(os.path.join(ROOT, "configs", "b16_urban.py"))
     config.model.variant = "L/14"
