@@ -114,14 +114,23 @@ def _loss_and_grads(model, loss_cfg, params, batch):
     return loss, metrics, grads
 
 
+def split_micro_batches(x: jax.Array, n: int) -> jax.Array:
+    """[B, ...] -> [n, B/n, ...] with micro-batch j = x[j::n] (strided, not contiguous).
+
+    The batch is sharded over devices in contiguous blocks; taking every n-th example keeps each
+    micro-batch spread over all devices (each device's block holds B/(n D) of every micro-batch),
+    so no example moves between devices. A contiguous split would put micro-batch 0 on the first
+    1/n of the devices and make XLA reshuffle the batch.
+    """
+    return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+
+
 def train_step(state: TrainState, batch, *, model, tx, loss_cfg, grad_accum: int):
     """One optimiser step; with grad_accum > 1 the batch is split into micro-batches."""
     if grad_accum <= 1:
         loss, metrics, grads = _loss_and_grads(model, loss_cfg, state.params, batch)
     else:
-        micro = jax.tree.map(
-            lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch
-        )
+        micro = jax.tree.map(lambda x: split_micro_batches(x, grad_accum), batch)
 
         def body(carry, mb):
             loss, metrics, grads = _loss_and_grads(model, loss_cfg, state.params, mb)
