@@ -5,6 +5,8 @@ Each error names the numbers involved (design.md section 5).
 
 from __future__ import annotations
 
+import jax
+
 from beta_clip_jax import sharding
 
 MODES = ("train", "eval")
@@ -54,6 +56,11 @@ def _check_config(config, device_count: int, process_count: int) -> None:
         )
     if batch % process_count:
         raise ValueError(f"batch_size {batch} is not divisible by {process_count} processes")
+    if config.model.get("attention") == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(
+            "model.attention='cudnn' needs an NVIDIA GPU, but JAX's backend here is "
+            f"{jax.default_backend()!r}; use 'auto' or 'xla'"
+        )
     scope = config.loss.get("cal_scope", "group")
     if scope not in ("group", "global"):
         raise ValueError(f"loss.cal_scope must be 'group' or 'global', got {scope!r}")

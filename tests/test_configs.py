@@ -79,6 +79,14 @@ def test_group_size_applies_to_group_scope_only():
         check_config(config, device_count=8, process_count=1)
 
 
+def test_cudnn_attention_without_a_gpu_is_named():
+    from train_helpers import tiny_config
+
+    config = resolve_config(tiny_config(**{"model.attention": "cudnn", "model.dtype": "bfloat16"}))
+    with pytest.raises(ConfigError, match="attention='cudnn' needs an NVIDIA GPU.*'cpu'"):
+        check_config(config, device_count=1, process_count=1)
+
+
 def test_variant_override_changes_every_shape():
     config = _load(os.path.join(ROOT, "configs", "b16_urban.py"))
     config.model.variant = "L/14"

@@ -30,6 +30,8 @@ def test_variant_table_and_overrides():
         ({"variant": "tiny", "widht": 3}, ["widht"]),
         ({"variant": "tiny", "patch_size": 5}, ["image_size=32", "patch_size=5"]),
         ({"variant": "tiny", "remat": "some"}, ["remat"]),
+        ({"variant": "tiny", "attention": "flash"}, ["attention='flash'", "cudnn"]),
+        ({"variant": "tiny", "attention": "cudnn"}, ["cudnn", "bfloat16"]),
     ],
 )
 def test_bad_model_configs_name_the_problem(cfg, words):
@@ -97,6 +99,37 @@ def test_forward_outputs(tiny):
     out0 = _forward(model)(params, images, sentences, empty)
     assert out0["text"].shape == (2, 3, 32)
     np.testing.assert_allclose(out0["text"], out["text"][:, :3], atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["xla", "cudnn"])
+def test_attention_option_reaches_every_attention_call(tiny, monkeypatch, attention):
+    """model.attention is passed to every jax.nn.dot_product_attention of both towers (vision
+    full + mixed last block, text causal). Traced only: cuDNN itself needs a GPU. "xla" also
+    gives the default model's outputs."""
+    cfg, params, fwd = tiny
+    seen = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, implementation=None, **kwargs):
+        seen.append((args[0].shape[1], kwargs.get("is_causal"), implementation))
+        return real(*args, **kwargs)  # traced with JAX's choice: no cuDNN on this machine
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    dtype = "bfloat16" if attention == "cudnn" else cfg.dtype
+    model = build_model(
+        resolve_model_config({**cfg.to_dict(), "attention": attention, "dtype": dtype})
+    )
+    out = jax.eval_shape(lambda p: model.apply({"params": p}, *_inputs()), params)
+    assert {impl for _, _, impl in seen} == {attention}
+    assert any(causal for _, causal, _ in seen)  # text
+    assert any(q == 1 for q, _, _ in seen)  # mixed last block: the CLS query
+    assert any(q == 17 and not causal for q, causal, _ in seen)  # vision: CLS + 16 patches
+    if attention == "xla":
+        monkeypatch.undo()
+        got, want = _forward(model)(params, *_inputs()), fwd(params, *_inputs())
+        for k in ("image", "text", "pooled"):
+            np.testing.assert_allclose(got[k], want[k], atol=1e-6, err_msg=k)
+    assert out["image"].shape == (2, 32)
 
 
 def test_scan_and_unrolled_agree(tiny):

@@ -66,6 +66,7 @@ class BetaCLIP(nn.Module):
             dtype=dt,
             scan_layers=c.scan_layers,
             remat=c.remat,
+            attention=c.attention,
             branches=c.image_branches,
             branch_type=c.branch_type,
             branch_layers=c.branch_layers,
@@ -82,6 +83,7 @@ class BetaCLIP(nn.Module):
             dtype=dt,
             scan_layers=c.scan_layers,
             remat=c.remat,
+            attention=c.attention,
         )
         self.pooler = TextConditionedPooler(num_heads=c.pooler_heads, dtype=dt)
         if c.method == "smartclip":

@@ -63,6 +63,11 @@ def _heads_proj(name: str, heads: int, head_dim: int, dtype, std: float) -> nn.D
     )
 
 
+def attention_implementation(attention: str) -> str | None:
+    """model.attention -> jax.nn.dot_product_attention's `implementation` (None: JAX picks)."""
+    return None if attention == "auto" else attention
+
+
 class ResidualBlock(nn.Module):
     """Pre-LN block: x + MHA(LN1 x), then + MLP(LN2 x).
 
@@ -85,6 +90,7 @@ class ResidualBlock(nn.Module):
     carry: bool = False
     num_cls: int = 1
     branches: int = 0
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, attn: jax.Array | None = None):
@@ -111,11 +117,18 @@ class ResidualBlock(nn.Module):
                 v,
                 mask=None if mask is None else mask[..., :n, :],
                 bias=None if bias is None else bias[..., :n, :],
+                implementation=attention_implementation(self.attention),
             )
             ctx = jnp.concatenate([cls_ctx, v[:, n:]], axis=1)
         elif self.mode in ("full", "causal"):
             ctx = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, bias=bias, is_causal=self.mode == "causal"
+                q,
+                k,
+                v,
+                mask=mask,
+                bias=bias,
+                is_causal=self.mode == "causal",
+                implementation=attention_implementation(self.attention),
             )
         else:
             raise ValueError(f"unknown block mode {self.mode!r}")
@@ -191,6 +204,7 @@ def block_stack(
     remat: str,
     name: str = "blocks",
     branches: int = 0,
+    attention: str = "auto",
 ):
     """`num_layers` residual blocks with parameters stacked on a leading "layers" axis.
 
@@ -214,7 +228,14 @@ def block_stack(
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
     return scanned(
-        width=width, heads=heads, mode=mode, dtype=dtype, carry=True, branches=branches, name=name
+        width=width,
+        heads=heads,
+        mode=mode,
+        dtype=dtype,
+        carry=True,
+        branches=branches,
+        attention=attention,
+        name=name,
     )
 
 

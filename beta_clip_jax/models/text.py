@@ -31,6 +31,7 @@ class TextTower(nn.Module):
     dtype: Any = jnp.float32
     scan_layers: bool = True
     remat: str = "none"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, tokens: jax.Array, return_tokens: bool = False):
@@ -66,6 +67,7 @@ class TextTower(nn.Module):
                 dtype=self.dtype,
                 scan_layers=self.scan_layers,
                 remat=self.remat,
+                attention=self.attention,
             )(x, None)
 
         # EOT (49407) is the largest id, so argmax finds the first EOT even with zero padding;

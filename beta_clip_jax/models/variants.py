@@ -31,6 +31,9 @@ OPTION_DEFAULTS = {
     "dtype": "float32",  # compute dtype of matmuls; parameters are always float32
     "scan_layers": True,  # nn.scan over the stacked layers (False unrolls; same param tree)
     "remat": "none",  # "none" | "full" | "dots"
+    # Towers' attention kernel: "auto" (JAX picks; XLA's attention today), "xla", or "cudnn"
+    # (NVIDIA GPUs only, bfloat16 compute; cuDNN's fused flash attention).
+    "attention": "auto",
     "frozen_positions": 20,  # leading text positions kept fixed (Long-CLIP stretching)
     # Which method's training outputs the model adds (docs/methods.md):
     #   "beta_clip": none (plain tree); "smartclip": mask head `smart_mask` -> outputs
@@ -72,6 +75,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 ALL_FIELDS = ("variant",) + SHAPE_FIELDS + tuple(OPTION_DEFAULTS)
 _DTYPES = ("float32", "bfloat16")
 _REMAT = ("none", "full", "dots")
+ATTENTION = ("auto", "xla", "cudnn")
 
 
 def _unknown_variant(name: str) -> ValueError:
@@ -124,6 +128,12 @@ def _validate(c: ml_collections.ConfigDict) -> None:
         errors.append(f"dtype={c.dtype!r} (allowed {_DTYPES})")
     if c.remat not in _REMAT:
         errors.append(f"remat={c.remat!r} (allowed {_REMAT})")
+    if c.attention not in ATTENTION:
+        errors.append(f"attention={c.attention!r} (allowed {ATTENTION})")
+    elif c.attention == "cudnn" and c.dtype != "bfloat16":
+        errors.append(
+            "attention='cudnn' needs dtype='bfloat16' (cuDNN's kernel takes 16-bit inputs)"
+        )
     if c.image_size % c.patch_size:
         errors.append(f"image_size={c.image_size} is not a multiple of patch_size={c.patch_size}")
     for tower in ("vision", "text"):

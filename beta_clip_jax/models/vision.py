@@ -52,6 +52,7 @@ class VisionTower(nn.Module):
     dtype: Any = jnp.float32
     scan_layers: bool = True
     remat: str = "none"
+    attention: str = "auto"
     branches: int = 1
     branch_type: str = "cls"
     branch_layers: int = 3
@@ -104,7 +105,12 @@ class VisionTower(nn.Module):
 
         k_mlp = self.branches if self.branches > 1 and self.branch_type == "mlp" else 0
         n_plain = self.layers - 1 if not k_mlp else self.layers - self.branch_layers
-        stack = dict(dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat)
+        stack = dict(
+            dtype=self.dtype,
+            scan_layers=self.scan_layers,
+            remat=self.remat,
+            attention=self.attention,
+        )
         if n_plain > 0:
             x, _ = block_stack(n_plain, d, self.heads, mode="full", **stack)(x, attn)
         if k_mlp:
@@ -130,6 +136,7 @@ class VisionTower(nn.Module):
             dtype=self.dtype,
             num_cls=k_cls,
             branches=k_mlp,
+            attention=self.attention,
             name="last_block",
         )(x, attn)
 
