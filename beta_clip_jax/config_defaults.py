@@ -44,6 +44,7 @@ def base_config(variant: str = "B/16") -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
+    c.write_plots = False  # at the end: final table, curves.png, heatmap.png (plots.py)
     c.stop_at_step = 0  # > 0: save and exit at that step as if preempted (for tests and demos)
     c.evals = ml_collections.ConfigDict()
     return c

@@ -237,12 +237,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 mesh=mesh,
             )
         logging.info("done: %d steps", num_steps)
-        return last
     finally:
         ckpt.close()
         data_iter.close()
         writer.close()
         preemption.uninstall()
+    if config.get("write_plots") and jax.process_index() == 0:
+        _report_run(workdir)
+    return last
+
+
+def _report_run(workdir):
+    """The demo's ending: the final results table, curves.png and heatmap.png (plots.py).
+
+    A failure here (e.g. matplotlib missing) must not look like a failed training run: the
+    checkpoint and metrics are already written, and `python -m beta_clip_jax.plots` redoes it.
+    """
+    from beta_clip_jax import plots
+
+    try:
+        plots.report_run(workdir)
+    except Exception as e:  # noqa: BLE001 (reporting is best effort; the run itself is done)
+        logging.warning("could not write the run's plots (%s: %s)", type(e).__name__, e)
 
 
 def _meta(config) -> dict:

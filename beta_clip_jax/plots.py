@@ -1,0 +1,183 @@
+"""PNGs of one finished run: its training curves and where one phrase looks in one scene.
+
+    from beta_clip_jax.plots import write_run_plots
+    write_run_plots("runs/ce")  # -> runs/ce/curves.png, runs/ce/heatmap.png
+
+    python -m beta_clip_jax.plots --workdir=runs/ce   # the same, plus the final results table
+
+Everything is read back from the workdir (config.json, metrics.jsonl, the last checkpoint), so it
+works on any finished or interrupted run, and the trainer can call it at the end of a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from etils import epath
+
+from beta_clip_jax.metrics_writer import read_metrics
+
+# Curves drawn in the lower panel, when the run logged them (eval/<dataset>/<metric>).
+EVAL_CURVES = ("box_hard", "box_binding", "box_medium", "box_easy", "caption_neg_acc", "t2i_r1")
+TRAIN_CURVES = ("train/loss", "train/loss_global", "train/loss_cal")
+
+
+def read_config(workdir: str) -> dict:
+    """The resolved config the trainer wrote (config.json), as a plain dict."""
+    return json.loads((epath.Path(workdir) / "config.json").read_text())
+
+
+def synthetic_eval_name(config: dict) -> str | None:
+    """The name (metric prefix) of the run's first synthetic evaluator, if it has one."""
+    for name, cfg in (config.get("evals") or {}).items():
+        if isinstance(cfg, dict) and cfg.get("kind") == "synthetic":
+            return name
+    return None
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def write_curves(workdir: str, out: str, title: str = "") -> str:
+    """Training losses (top) and the synthetic evaluation metrics (bottom) against step."""
+    plt = _pyplot()
+    records = read_metrics(workdir)
+    config = read_config(workdir)
+    dataset = synthetic_eval_name(config)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    for key in TRAIN_CURVES:
+        steps, values = _series(records, key)
+        if steps:
+            top.plot(steps, values, label=key.split("/", 1)[1])
+    top.set_ylabel("training loss")
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3)
+    if dataset:
+        for metric in EVAL_CURVES:
+            steps, values = _series(records, f"eval/{dataset}/{metric}")
+            if steps:
+                bottom.plot(steps, values, marker="o", label=metric)
+        bottom.legend(fontsize=8, ncol=2)
+    bottom.set_ylabel(f"eval/{dataset or '-'} (%)")
+    bottom.set_xlabel("step")
+    bottom.grid(alpha=0.3)
+    fig.suptitle(title or run_label(config), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def run_label(config: dict) -> str:
+    """'clip' or 'beta_clip ce beta=0.5': what the comparison groups runs by."""
+    loss = config.get("loss", {})
+    name = loss.get("name", "beta_clip")
+    if name == "beta_clip":
+        return f"beta_clip {loss.get('mode', 'ce')} beta={loss.get('beta')}"
+    return str(name)
+
+
+def demo_scene(config: dict, index: int = 0) -> dict:
+    """Record `index` of the run's synthetic evaluation split, drawn at the model's input size."""
+    from beta_clip_jax.data.synthetic import SyntheticScenes
+
+    dataset = synthetic_eval_name(config)
+    ev = config["evals"][dataset] if dataset else {}
+    size = int(
+        ev.get("image_size") or config["data"].get("image_size") or config["model"]["image_size"]
+    )
+    options = {k: int(ev[k]) for k in ("min_objects", "max_objects") if ev.get(k)}
+    scenes = SyntheticScenes(
+        num_examples=index + 1,
+        image_size=size,
+        seed=int(ev.get("seed") or 0),
+        split=ev.get("split") or "eval",
+        **options,
+    )
+    return scenes[index]
+
+
+def write_heatmap(workdir: str, out: str, scene_index: int = 0, text: str | None = None) -> str:
+    """The pooler attention and patch-text similarity of one phrase (default: the scene's first
+    box text, e.g. "a large red circle") over one synthetic eval scene, from the last checkpoint."""
+    from beta_clip_jax import api, visualize
+
+    record = demo_scene(read_config(workdir), scene_index)
+    encoder = api.load(str(workdir))
+    visualize.visualize(encoder, record["image"], text or record["box_texts"][0], out)
+    return out
+
+
+def write_run_plots(workdir: str, scene_index: int = 0, text: str | None = None) -> dict:
+    """curves.png and heatmap.png in the workdir; returns {"curves": path, "heatmap": path}."""
+    root = epath.Path(workdir)
+    paths = {
+        "curves": write_curves(str(workdir), str(root / "curves.png")),
+        "heatmap": write_heatmap(str(workdir), str(root / "heatmap.png"), scene_index, text),
+    }
+    logging.info("wrote %s", ", ".join(paths.values()))
+    return paths
+
+
+def final_results(workdir: str) -> tuple[int, dict[str, dict[str, float]]]:
+    """(step, {dataset: {metric: value}}) of the run's last evaluation in metrics.jsonl."""
+    step, results = -1, {}
+    for record in read_metrics(workdir):
+        found = [k for k in record if k.startswith("eval/")]
+        if not found or record["step"] < step:
+            continue
+        if record["step"] > step:
+            step, results = record["step"], {}
+        for key in found:
+            _, dataset, metric = key.split("/", 2)
+            results.setdefault(dataset, {})[metric] = record[key]
+    if not results:
+        raise ValueError(f"{workdir}: metrics.jsonl has no eval/ results")
+    return step, results
+
+
+def final_table(workdir: str) -> str:
+    """The last evaluation as the trainer's console table, with a header naming run and step."""
+    from beta_clip_jax.evals.registry import format_table
+
+    step, results = final_results(workdir)
+    title = f"final evaluation of {workdir} ({run_label(read_config(workdir))}, step {step})"
+    return "\n".join(["=" * len(title), title, "=" * len(title), format_table(results)])
+
+
+def report_run(workdir: str, scene_index: int = 0, text: str | None = None) -> dict:
+    """Prints the final results table, writes curves.png and heatmap.png; returns the paths.
+
+    What a demo run ends with (the trainer calls it when config.write_plots is set).
+    """
+    print(final_table(workdir), flush=True)
+    paths = write_run_plots(workdir, scene_index, text)
+    print("wrote " + ", ".join(paths.values()), flush=True)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m beta_clip_jax.plots", description=__doc__)
+    parser.add_argument("--workdir", required=True, help="a finished (or stopped) run")
+    parser.add_argument("--text", default=None, help="phrase for the heat map (default: a box)")
+    parser.add_argument("--scene", type=int, default=0, help="synthetic eval scene index")
+    args = parser.parse_args(argv)
+    report_run(args.workdir, args.scene, args.text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

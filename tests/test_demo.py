@@ -1,0 +1,120 @@
+"""The demo end to end, shortened: configs/demo.py trains, evaluates, prints its table and writes
+its plots; compare reads the workdirs."""
+
+import contextlib
+import importlib.util
+import io
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from beta_clip_jax import compare, plots
+from beta_clip_jax.metrics_writer import read_metrics
+from beta_clip_jax.train import train_and_evaluate
+
+CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+
+
+def demo_config(method: str, **overrides):
+    spec = importlib.util.spec_from_file_location("demo_config", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(method)
+    # A few steps on a small batch and a handful of eval scenes: the same code paths, seconds.
+    c.num_steps = 2
+    c.batch_size = 8
+    c.loss.group_size = 8
+    c.log_every = 1
+    c.evals.synthetic.num_examples = 6
+    c.evals.synthetic.every = 0  # only the final evaluation
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def assert_png(path):
+    with Image.open(path) as png:
+        assert png.format == "PNG" and min(png.size) > 100
+
+
+def test_config_methods():
+    assert demo_config("clip").loss.name == "clip"
+    for mode in ("ce", "bce"):
+        c = demo_config(mode)
+        assert (c.loss.name, c.loss.mode) == ("beta_clip", mode)
+    with pytest.raises(ValueError, match="clip"):
+        demo_config("siglip")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    workdirs = {m: str(root / m) for m in ("ce", "clip")}
+    printed = {}
+    for method, workdir in workdirs.items():
+        capture = io.StringIO()
+        with contextlib.redirect_stdout(capture):
+            train_and_evaluate(demo_config(method), workdir)
+        printed[method] = capture.getvalue()
+    return workdirs, printed
+
+
+def test_demo_writes_metrics_table_and_plots(runs):
+    workdirs, printed = runs
+    workdir = workdirs["ce"]
+    final = [r for r in read_metrics(workdir) if "eval/synthetic/box_hard" in r][-1]
+    assert final["step"] == 2
+    for metric in ("t2i_r1", "i2t_r1", "caption_neg_acc", "box_hard", "box_binding", "box_easy"):
+        assert 0.0 <= final[f"eval/synthetic/{metric}"] <= 100.0
+    # The run ends by printing the final table and writing the two PNGs into its workdir.
+    table = plots.final_table(workdir)
+    assert "beta_clip ce beta=0.5, step 2" in table and "box_hard=" in table
+    assert table in printed["ce"]
+    for name in ("curves.png", "heatmap.png"):
+        assert_png(pathlib.Path(workdir) / name)
+        assert name in printed["ce"]
+
+
+def test_compare_two_methods(runs, tmp_path, capsys):
+    out = tmp_path / "compare.png"
+    workdirs, _ = runs
+    compare.main([f"--workdirs={workdirs['clip']},{workdirs['ce']}", f"--out={out}"])
+    text = capsys.readouterr().out
+    header = text.splitlines()[0]
+    assert "clip (n=1)" in header and "beta_clip ce beta=0.5 (n=1)" in header
+    assert header.index("clip (n=1)") < header.index("beta_clip")  # order of --workdirs
+    assert any(line.startswith("synthetic/box_hard") for line in text.splitlines())
+    assert_png(out)
+
+
+def fake_run(path, seed, name, box_hard, mode="ce"):
+    path.mkdir()
+    config = {"seed": seed, "loss": {"name": name, "mode": mode, "beta": 0.5}, "evals": {}}
+    (path / "config.json").write_text(json.dumps(config))
+    records = [
+        {"step": 5, "eval/synthetic/box_hard": 0.0},
+        {"step": 10, "train/loss": 1.0},
+        {"step": 10, "eval/synthetic/box_hard": box_hard, "eval/synthetic/num_images": 8.0},
+    ]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_compare_groups_seeds_with_mean_and_spread(tmp_path):
+    dirs = [fake_run(tmp_path / f"ce{s}", s, "beta_clip", v) for s, v in enumerate((10, 20, 30))]
+    dirs.append(fake_run(tmp_path / "clip", 0, "clip", 5.0))
+    groups = compare.collect(dirs)
+    assert list(groups) == ["beta_clip ce beta=0.5", "clip"]
+    mean, std, n = compare.summarize(groups)["beta_clip ce beta=0.5"]["synthetic/box_hard"]
+    assert (mean, n) == (20.0, 3)
+    np.testing.assert_allclose(std, 10.0)  # sample standard deviation
+    table = compare.format_comparison(groups)
+    assert "20.0 ± 10.0" in table and "num_images" not in table
+    assert_png(compare.plot_comparison(groups, str(tmp_path / "c.png")))
