@@ -1,7 +1,10 @@
 """bench: runs on CPU for the tiny model and reports every figure (keys present, finite, > 0)."""
 
 import math
+import subprocess
+import sys
 
+import jax
 import pytest
 
 from beta_clip_jax import bench
@@ -85,9 +88,23 @@ def test_peak_table_and_config_overrides():
 def test_scanned_layers_count_flops_on_the_unrolled_twin():
     unrolled = _tiny()
     setup = bench.Setup(unrolled)
-    with bench.jax.set_mesh(setup.mesh):
+    with jax.set_mesh(setup.mesh):
         own = bench.cost(setup.jitted.lower(setup.abstract_state(), setup.batch).compile())
     counted, source = bench.step_flops(_tiny(scan_layers=True), None)
     assert "twin" in source
     assert counted["flops"] == pytest.approx(own["flops"], rel=1e-6)
     assert bench.step_flops(unrolled, None) == (None, "compiled step")
+
+
+def test_import_defines_no_flags_and_attention_override():
+    # Only `python -m beta_clip_jax.bench` defines the command's flags (other CLIs share names).
+    # A fresh interpreter: other test modules may have imported CLIs that define some of them.
+    names = ["config", "mesh", "variant", "batch", "steps", "attention", "breakdown", "json"]
+    code = (
+        "import absl.flags, beta_clip_jax.bench\n"
+        f"print(sorted(set({names!r}) & set(absl.flags.FLAGS)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert bench.bench_config(variant="tiny", attention="xla").model.attention == "xla"
+    assert bench.bench_config(variant="tiny").model.attention == "auto"

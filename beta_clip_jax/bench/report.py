@@ -1,0 +1,129 @@
+"""The whole benchmark for one config (run), the input pipeline's rate, and the printed table."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+
+from beta_clip_jax import step as step_lib
+from beta_clip_jax.bench.hardware import device_peak, machine, process_memory
+from beta_clip_jax.bench.parts import breakdown, flop_sweep
+from beta_clip_jax.bench.step_timing import bench_step, texts_per_image
+
+
+def pipeline_throughput(config, batch_size: int, batches: int, workers: int, hw=(480, 640)):
+    """data/throughput.py's measurement with this config's K and image size: JPEGs + synthetic."""
+    from beta_clip_jax.data import pipeline, throughput
+
+    cfg = pipeline.default_data_config()
+    for field in ("max_sentences", "max_phrases", "text_length", "phrase_length"):
+        cfg[field] = config.data[field]
+    cfg.num_workers, cfg.max_skip_fraction = workers, 1.0
+    size = step_lib.image_size(config)
+    out = {"batch_size": batch_size, "num_workers": workers, "jpeg_hw": list(hw)}
+    with tempfile.TemporaryDirectory() as tmp:
+        real = cfg.copy_and_resolve_references()
+        real.name = "jsonl"
+        real.path = throughput.write_dataset(tmp, max(32, 2 * batch_size), tuple(hw))
+        out["jpeg"] = throughput.measure(real, batch_size, batches, size)
+    out["synthetic"] = throughput.measure(cfg, batch_size, batches, size)
+    return out
+
+
+def run(
+    config,
+    *,
+    steps=5,
+    warmup=1,
+    with_breakdown=False,
+    sweep_k=(),
+    sweep_groups=(),
+    pipeline=None,
+    peak_tflops=0.0,
+) -> dict:
+    """The whole benchmark for one config; `pipeline` = kwargs of pipeline_throughput or None."""
+    result = {"machine": machine()}
+    peak = device_peak(config.model.dtype, peak_tflops)  # on CPU measured before the step too
+    step_res, setup, state = bench_step(config, steps, warmup, peak)
+    result["config"] = {
+        "variant": config.model.variant,
+        "batch": int(config.batch_size),
+        "texts_per_image": texts_per_image(config),
+        "text_length": int(config.data.text_length),
+        "phrase_length": int(config.data.phrase_length),
+        "group_size": int(config.loss.group_size),
+        "cal_scope": config.loss.get("cal_scope", "group"),
+        "dtype": config.model.dtype,
+        "attention": config.model.get("attention", "auto"),
+        "remat": config.model.remat,
+        "scan_layers": bool(config.model.scan_layers),
+        "mesh": dict(setup.mesh.shape),
+    }
+    result.update(step_res)
+    if with_breakdown:
+        result["breakdown"] = breakdown(setup, state, max(1, steps))
+        result["breakdown"]["step_s"] = step_res["step"]["median_s"]
+        if sweep_k:
+            result["breakdown"]["sweep"] = flop_sweep(config, sweep_k, sweep_groups)
+    del state
+    if pipeline is not None:
+        logging.info("input pipeline")
+        pipe = pipeline_throughput(config, **pipeline)
+        pipe["step_examples_per_s"] = step_res["step"]["examples_per_s"]
+        result["pipeline"] = pipe
+    result["memory"].update(process_memory())
+    return result
+
+
+def _gb(x) -> str:
+    return f"{x / 2**30:.2f} GiB"
+
+
+def format_table(r: dict) -> str:
+    c, st, fl, mem, m = r["config"], r["step"], r["flops"], r["memory"], r["machine"]
+    config = (
+        f"{c['variant']} batch {c['batch']} K {c['texts_per_image']} {c['dtype']} "
+        f"attention={c.get('attention', 'auto')} remat={c['remat']} scan={c['scan_layers']} "
+        f"mesh={c['mesh']} group={c['group_size']} scope={c['cal_scope']}"
+    )
+    compiled_mem = (
+        f"peak est. {_gb(mem.get('peak_estimate_bytes', 0))}, "
+        f"temp {_gb(mem.get('temp_bytes', 0))}, args {_gb(mem.get('argument_bytes', 0))}"
+    )
+    rows = [
+        ("machine", f"{m['device_kind']} x{m['devices']}, {m['cpu']} ({m['cpu_cores']} cores)"),
+        ("config", config),
+        ("compile", f"{r['compile']['compile_s']:.1f} s (+ lower {r['compile']['lower_s']:.1f} s)"),
+        ("step (median)", f"{st['median_s'] * 1e3:.1f} ms"),
+        ("examples/s", f"{st['examples_per_s']:.3f}"),
+        ("text-image pairs/s", f"{st['pairs_per_s']:.2f}"),
+        ("FLOPs / example", f"{fl['per_example'] / 1e9:.1f} GFLOP ({fl['source']})"),
+        ("achieved", f"{fl['achieved_tflops_per_device'] * 1e3:.1f} GFLOP/s per device"),
+        ("peak", f"{fl['peak_tflops_per_device'] * 1e3:.1f} GFLOP/s ({fl['peak_source']})"),
+        ("MFU", f"{100 * fl['mfu']:.1f} %"),
+        ("memory (compiled)", compiled_mem),
+        ("process RSS", f"{_gb(mem['rss_bytes'])} (max {_gb(mem['max_rss_bytes'])})"),
+    ]
+    if "device_peak_bytes_in_use" in mem:
+        rows.append(("device peak in use", _gb(mem["device_peak_bytes_in_use"])))
+    if "pipeline" in r:
+        jpeg, synthetic = r["pipeline"]["jpeg"], r["pipeline"]["synthetic"]
+        rates = f"JPEG {jpeg['images_per_sec']}, synthetic {synthetic['images_per_sec']}"
+        rows.append(("pipeline images/s", rates))
+    if "breakdown" in r:
+        for name, part in r["breakdown"]["parts"].items():
+            shares = (
+                f"{100 * part['time_share']:.1f} % time, {100 * part['flop_share']:.1f} % FLOPs"
+            )
+            rows.append((f"  {name}", f"{part['median_s'] * 1e3:.1f} ms ({shares})"))
+        for row in r["breakdown"].get("sweep", []):
+            shares = ", ".join(
+                f"G={key[1:]}: pooler {100 * v['pooler_share']:.1f} % / β-CAL "
+                f"{100 * v['loss_share']:.2f} %"
+                for key, v in row.items()
+                if key.startswith("g")
+            )
+            towers = f"towers {row['towers_gflops']:.1f} GF/img; {shares}"
+            rows.append((f"  K={row['k']} FLOPs", towers))
+    width = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)

@@ -1,0 +1,214 @@
+"""The benchmarked config, its synthetic batch and sharded state, FLOP counting, the timed step."""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from beta_clip_jax import config_check, sharding
+from beta_clip_jax import step as step_lib
+from beta_clip_jax.bench.hardware import (
+    cost,
+    device_peak,
+    measured_matmul_tflops,
+    memory,
+    process_memory,
+)
+from beta_clip_jax.config_defaults import base_config
+from beta_clip_jax.models.clip import build_model
+from beta_clip_jax.optim import make_optimizer
+
+
+def bench_config(
+    base=None,
+    *,
+    variant=None,
+    batch=None,
+    k=None,
+    text_length=None,
+    phrase_length=None,
+    group_size=None,
+    cal_scope=None,
+    dtype=None,
+    remat=None,
+    scan_layers=None,
+    attention=None,
+    mesh=None,
+):
+    """The benchmarked config: `base` (default base_config(variant)) with the given overrides.
+
+    `attention` ("auto" | "xla" | "cudnn", None: keep the config's) sets model.attention; cudnn
+    needs dtype bfloat16 (checked here, when the model config resolves) and a GPU (checked by
+    Setup's config_check), both before anything compiles.
+    """
+    c = base if base is not None else base_config(variant or "B/16")
+    c = c.copy_and_resolve_references()
+    if base is not None and variant:
+        c.model.variant = variant
+    if batch or base is None:
+        c.batch_size = int(batch or 4)
+    if k or base is None:
+        k = int(k or 36)
+        c.data.max_sentences = min(5, k - 1)
+        c.data.max_phrases = k - 1 - c.data.max_sentences
+    for field, value in (("text_length", text_length), ("phrase_length", phrase_length)):
+        if value:
+            c.data[field] = int(value)
+    model_overrides = (
+        ("dtype", dtype),
+        ("remat", remat),
+        ("scan_layers", scan_layers),
+        ("attention", attention),
+    )
+    for field, value in model_overrides:
+        if value is not None:
+            c.model[field] = value
+    if cal_scope:
+        c.loss.cal_scope = cal_scope
+    if group_size or base is None:
+        c.loss.group_size = int(group_size or math.gcd(c.batch_size, 64))
+    if mesh is not None:
+        c.mesh = ml_collections.ConfigDict(dict(mesh))
+    return config_check.resolve_config(c)
+
+
+def texts_per_image(config) -> int:
+    return 1 + int(config.data.max_sentences) + int(config.data.max_phrases)
+
+
+def synthetic_batch(config, batch: int, seed: int = 0) -> dict:
+    """Random uint8 images and full-length token rows (SOT ... EOT), every slot valid."""
+    rng = np.random.default_rng(seed)
+    (s, ls), (kp, lp) = step_lib.text_shapes(config)
+    size = step_lib.image_size(config)
+
+    def tokens(slots, length):
+        t = rng.integers(1, 49406, (batch, slots, length), dtype=np.int32)
+        if length:
+            t[..., 0], t[..., -1] = 49406, 49407
+        return t
+
+    return {
+        "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+        "sentences": tokens(s, ls),
+        "phrases": tokens(kp, lp),
+        "valid": np.ones((batch, s + kp), bool),
+    }
+
+
+class Setup:
+    """Model, optimiser, mesh, sharded state and batch for one config."""
+
+    def __init__(self, config):
+        self.config = config
+        config_check.check_config(config, sharding.mesh_device_count(config.mesh), 1)
+        self.mesh = sharding.make_mesh(config.mesh)
+        self.model = build_model(config.model)
+        self.tx, _ = make_optimizer(config.optim, 1000, int(config.model.frozen_positions))
+        _, self.params_sh, _, self.opt_sh = step_lib.state_shardings(
+            self.model, self.tx, config, self.mesh
+        )
+        self.jitted = step_lib.jit_train_step(
+            self.model, self.tx, config, self.mesh, self.params_sh, self.opt_sh
+        )
+        local = synthetic_batch(config, int(config.batch_size))
+        self.batch = sharding.global_batch_from_local(local, self.mesh)
+
+    def abstract_state(self):
+        params, opt = step_lib.state_shardings(self.model, self.tx, self.config, self.mesh)[::2]
+        sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+        return step_lib.TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(self.mesh)),
+            params=jax.tree.map(sds, params, self.params_sh),
+            opt_state=jax.tree.map(sds, opt, self.opt_sh),
+        )
+
+    def init_state(self):
+        params, opt = step_lib.init_state(
+            self.model, self.tx, self.config, self.mesh, self.params_sh, self.opt_sh
+        )
+        step = jax.device_put(np.int32(0), sharding.replicated(self.mesh))
+        return step_lib.TrainState(step=step, params=params, opt_state=opt)
+
+
+def unrolled(config):
+    c = config.copy_and_resolve_references()
+    c.model.scan_layers = False
+    return c
+
+
+def step_flops(config, setup) -> tuple[dict, str]:
+    """FLOPs of the compiled step; from an unrolled twin when layers are scanned."""
+    if not config.model.scan_layers:
+        return None, "compiled step"
+    twin = Setup(unrolled(config))
+    with jax.set_mesh(twin.mesh):
+        compiled = twin.jitted.lower(twin.abstract_state(), twin.batch).compile()
+    return cost(compiled), "compiled unrolled twin of the step (scan bodies count once)"
+
+
+def bench_step(config, steps: int, warmup: int, peak: tuple[float, str] | None = None):
+    s = Setup(config)
+    state = s.init_state()
+    with jax.set_mesh(s.mesh):
+        t0 = time.perf_counter()
+        lowered = s.jitted.lower(state, s.batch)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+        logging.info("compiled the step in %.1f s; running %d + %d steps", t2 - t1, warmup, steps)
+        for _ in range(warmup):
+            state, metrics = compiled(state, s.batch)
+        jax.block_until_ready(state)
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            state, metrics = compiled(state, s.batch)
+            jax.block_until_ready((state, metrics))
+            times.append(time.perf_counter() - t)
+            logging.info("step %.2f s", times[-1])
+    own = cost(compiled)
+    counted, source = step_flops(config, s)
+    flops = (counted or own)["flops"]
+    step_s = statistics.median(times)
+    b, k = int(config.batch_size), texts_per_image(config)
+    ndev = s.mesh.size
+    peak, peak_source = peak or device_peak(config.model.dtype)
+    if peak_source.startswith("measured"):
+        # The CPU may be shared: measure again after the step and keep the better figure.
+        peak = max(peak, measured_matmul_tflops(config.model.dtype))
+        peak_source += " (best of before and after the step)"
+    # Simulated CPU devices share the measured cores: compare the whole mesh with the CPU's peak.
+    mfu_devices = ndev if peak_source.startswith("measured") else 1
+    per_dev = flops / step_s / 1e12
+    result = {
+        "compile": {"lower_s": t1 - t0, "compile_s": t2 - t1},
+        "step": {
+            "median_s": step_s,
+            "times_s": times,
+            "examples_per_s": b / step_s,
+            "pairs_per_s": b * k / step_s,
+            "loss": float(metrics["loss"]),
+        },
+        "flops": {
+            "per_step_per_device": flops,
+            "per_example": flops * ndev / b,
+            "compiled_step_own": own["flops"],
+            "source": source,
+            "achieved_tflops_per_device": per_dev,
+            "achieved_tflops_total": per_dev * ndev,
+            "peak_tflops_per_device": peak,
+            "peak_source": peak_source,
+            "mfu": per_dev * mfu_devices / peak,
+            "mfu_basis": "whole CPU (all its devices)" if mfu_devices > 1 else "per device",
+        },
+        "memory": {**memory(compiled), **process_memory()},
+    }
+    return result, s, state
