@@ -120,6 +120,14 @@ def export_params(
     Training-only parts (SmartCLIP's mask head) are dropped first: inference never uses them.
     """
     params, cfg = inference_params(params, model_cfg)
+    if cfg.method == "holistic" and cfg.image_branches > 1:
+        # Both forms have several image embeddings per image (K class tokens, or K fc2 kernels
+        # in the last blocks): a Hugging Face CLIPModel has room for one.
+        raise ValueError(
+            f"a Holistic CLIP model with {cfg.image_branches} image branches "
+            f"(branch_type={cfg.branch_type!r}) has no Hugging Face CLIPModel form; load the "
+            "workdir with beta_clip_jax.api.load, which fuses the branches"
+        )
     _check_covered(params, cfg)
     _check_out_dir(out)
     write_hf_dir(out, flax_to_hf_state_dict(params, cfg), hf_config_from_variant(cfg))

@@ -226,3 +226,19 @@ def test_smartclip_params_export_without_the_mask_head(workdir, tmp_path):
     _assert_same_params(back, params)
     with open(os.path.join(out, META_FILE)) as f:
         assert json.load(f)["model"]["method"] == "beta_clip"
+
+
+@pytest.mark.parametrize("branch_type", ["cls", "mlp"])
+def test_multi_branch_holistic_export_is_refused_by_name(tmp_path, branch_type):
+    import jax
+
+    from beta_clip_jax.models.clip import init_params
+    from beta_clip_jax.models.variants import model_config
+
+    cfg = model_config(
+        "tiny", method="holistic", image_branches=3, branch_type=branch_type, branch_layers=1
+    )
+    params = init_params(build_model(cfg), jax.random.key(0))
+    with pytest.raises(ValueError, match="3 image branches.*api.load"):
+        export_params(params, cfg, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
