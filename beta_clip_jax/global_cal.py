@@ -11,15 +11,25 @@ round a ring of devices (`jax.lax.ppermute` inside `jax.shard_map` over the batc
 * the positive (same-image) terms are local, because an image's K slots live on one device;
 * BCE sums weight * loss over every block (L_T->I equals L_I->T exactly, spec 2.4).
 
-Each visiting block is further cut into column chunks of at most `block_size` texts, and each
-chunk's step is rematerialised, so a device holds O(N D) saved inputs plus one (n x chunk) tile,
-never O(N^2). The value and gradient equal `losses.beta_cal` on the whole batch as one group.
+The ring is a `jax.custom_vjp` (as in ring attention): its residuals are only this device's v,
+t, masks, scale and the final row and column log-sum-exps, and its backward pass runs the ring
+again. Each visiting text block carries its mask, final column LSE, that LSE's cotangent and a
+dt accumulator, and ends the round at home with dt complete; each tile's logits are recomputed:
+
+    ds[r, c] = g_row[r] softmax_row[r, c] + g_col[c] softmax_col[r, c]   (CE)
+    ds[r, c] = g omega[r, c] (sigmoid(s[r, c]) - y[r, c])                  (BCE)
+
+then dv += scale ds t, dt += scale ds^T v, dscale += sum ds cos. Each visiting block is cut
+into column chunks of at most `block_size` texts, so a device holds O(n D) (n = its slots) plus
+one (n x chunk) tile, whatever the number of devices: never O(N D), never O(N^2). The value and
+gradient equal `losses.beta_cal` on the whole batch as one group.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +41,64 @@ BATCH_AXES = ("data", "fsdp")
 _MASKED = -1e9  # the finite "minus infinity" of losses.beta_cal
 
 
+class _Ring(NamedTuple):
+    """Static settings of the ring (hashable: the custom_vjp's non-differentiable argument)."""
+
+    axis: tuple[str, ...] | None  # the batch mesh axes; None: one device, no collectives
+    ndev: int  # devices on the ring
+    k: int  # text slots per image
+    chunk: int  # texts per column tile
+    mode: str
+    alpha: float
+    beta: float
+    mask_padding: bool
+
+
 def _chunk(n: int, block_size: int | None) -> int:
     """The largest divisor of n that is at most block_size (all of n when block_size is None)."""
     if not block_size or block_size >= n:
         return n
     return max(c for c in range(1, block_size + 1) if n % c == 0)
+
+
+def _vary(cfg: _Ring, x):
+    """x typed as differing per device (shard_map's "varying"), as loop carries must be."""
+    return x if cfg.axis is None else jax.lax.pcast(x, cfg.axis, to="varying")
+
+
+def _slot_ids(cfg: _Ring, n: int, step):
+    """Global slot ids of the block visiting at ring step `step` (it began on device me - step)."""
+    me = 0 if cfg.axis is None else jax.lax.axis_index(cfg.axis)
+    src = (me - step) % cfg.ndev
+    return (src * n + jnp.arange(n)).astype(jnp.int32)
+
+
+def _in_chunks(cfg: _Ring, xs):
+    """[n, ...] arrays -> [n / chunk, chunk, ...] for a scan over column tiles."""
+    return jax.tree.map(lambda x: x.reshape((-1, cfg.chunk) + x.shape[1:]), xs)
+
+
+def _pass_on(parts, cfg: _Ring):
+    """Sends [n] / [n, d] arrays to the next device on the ring as ONE array (one collective).
+
+    Several independent collectives in one step could start in a different order on different
+    devices, which XLA's CPU runtime can deadlock on; a single packed send cannot. Flags travel
+    as floats.
+    """
+    if cfg.axis is None:
+        return parts
+    dt = jnp.result_type(*[p.dtype for p in parts if jnp.issubdtype(p.dtype, jnp.floating)])
+    cols = [(p if p.ndim == 2 else p[:, None]).astype(dt) for p in parts]
+    packed = jax.lax.ppermute(
+        jnp.concatenate(cols, 1), cfg.axis, [(i, (i + 1) % cfg.ndev) for i in range(cfg.ndev)]
+    )
+    out, at = [], 0
+    for p, c in zip(parts, cols, strict=True):
+        x = packed[:, at : at + c.shape[1]]
+        at += c.shape[1]
+        x = x if p.ndim == 2 else x[:, 0]
+        out.append(x > 0.5 if p.dtype == jnp.bool_ else x.astype(p.dtype))
+    return tuple(out)
 
 
 def _positive(same, eye, vv, *, mode, alpha, beta):
@@ -51,12 +114,8 @@ def _positive(same, eye, vv, *, mode, alpha, beta):
 
 
 def _online(mx, se, x, axis):
-    """Merges the log-sum-exp partial (mx, se) with logits x reduced along `axis`.
-
-    The max is a constant for differentiation (LSE does not depend on the shift), so the
-    gradient is the softmax and no -inf ever enters an exp's derivative.
-    """
-    new = jax.lax.stop_gradient(jnp.maximum(mx, x.max(axis)))
+    """Merges the log-sum-exp partial (mx, se) with logits x reduced along `axis`."""
+    new = jnp.maximum(mx, x.max(axis))
     shifted = x - jnp.expand_dims(new, axis)
     return new, se * jnp.exp(mx - new) + jnp.exp(shifted).sum(axis)
 
@@ -70,41 +129,160 @@ def _argmax_merge(best, hit, x, positive, axis):
     return jnp.where(better, val, best), jnp.where(better, pos, hit)
 
 
-def _tile(local, row, col, scale, *, k, mode, alpha, beta, mask_padding):
-    """One (local rows x visiting chunk) tile: updates row stats, returns the column stats."""
+def _tile_logits(cfg: _Ring, v, t, m_r, m_c, gid_r, gid_c, scale):
+    """One (local rows x visiting chunk) tile: cosines, logits and the pair masks.
+
+    x_it / x_ti are the I->T / T->I logits with padded entries as the dense loss masks them
+    (BCE masks them too, for the metrics; its padded pairs have weight 0 in the loss).
+    """
+    cos = v @ t.T
+    s = scale * cos
+    same = (gid_r // cfg.k)[:, None] == (gid_c // cfg.k)[None, :]
+    eye = gid_r[:, None] == gid_c[None, :]
+    vv = m_r[:, None] & m_c[None, :]
+    masked = cfg.mask_padding or cfg.mode == "bce"
+    x_it = jnp.where(m_c[None, :], s, _MASKED) if masked else s
+    x_ti = jnp.where(m_r[:, None], s, _MASKED) if masked else s
+    return cos, s, x_it, x_ti, same, eye, vv
+
+
+def _bce_terms(cfg: _Ring, same, eye, vv, dtype):
+    """BCE targets y and weights omega of a tile (padded pairs weigh 0)."""
+    y = (same & vv).astype(dtype)
+    omega = jnp.where(vv, jnp.where(eye, 1.0, jnp.where(same, cfg.beta, 1.0)), 0.0).astype(dtype)
+    return y, omega
+
+
+def _forward_tile(cfg: _Ring, local, row, col, scale):
+    """Forward of one tile: updates the row stats, returns the column stats and tile sums."""
     v, m_r, gid_r = local
     r_mx, r_se, r_best, r_hit = row
     t, m_c, gid_c, c_mx, c_se, c_best, c_hit = col
-    cos = v @ t.T
-    s = scale * cos
-    same = (gid_r // k)[:, None] == (gid_c // k)[None, :]
-    eye = gid_r[:, None] == gid_c[None, :]
-    vv = m_r[:, None] & m_c[None, :]
-    stats = {}
-    if mode == "ce":
-        x_it = jnp.where(m_c[None, :], s, _MASKED) if mask_padding else s
-        x_ti = jnp.where(m_r[:, None], s, _MASKED) if mask_padding else s
+    cos, s, x_it, x_ti, same, eye, vv = _tile_logits(cfg, v, t, m_r, m_c, gid_r, gid_c, scale)
+    sums = {}
+    if cfg.mode == "ce":
         r_mx, r_se = _online(r_mx, r_se, x_it, 1)
         c_mx, c_se = _online(c_mx, c_se, x_ti, 0)
     else:
-        # Padded pairs have weight 0, so masking their logits (as the dense loss does) is moot.
-        y = (same & vv).astype(s.dtype)
-        omega = jnp.where(vv, jnp.where(eye, 1.0, jnp.where(same, beta, 1.0)), 0.0)
+        y, omega = _bce_terms(cfg, same, eye, vv, s.dtype)
         ell = jnp.maximum(s, 0.0) - s * y + jnp.log1p(jnp.exp(-jnp.abs(s)))
-        stats["bce"] = (omega * ell).sum()
-        x_it = jnp.where(m_c[None, :], s, _MASKED)
-        x_ti = jnp.where(m_r[:, None], s, _MASKED)
-    # Metrics only: no gradient.
-    x_it, x_ti, cos = map(jax.lax.stop_gradient, (x_it, x_ti, cos))
-    positive = _positive(same, eye, vv, mode=mode, alpha=alpha, beta=beta)
+        sums["bce"] = (omega * ell).sum()
+    positive = _positive(same, eye, vv, mode=cfg.mode, alpha=cfg.alpha, beta=cfg.beta)
     r_best, r_hit = _argmax_merge(r_best, r_hit, x_it, positive, 1)
     c_best, c_hit = _argmax_merge(c_best, c_hit, x_ti, positive, 0)
     cross = vv & ~same
-    stats["neg_sum"] = jnp.where(cross, cos, 0.0).sum()
-    stats["neg_cnt"] = cross.sum().astype(cos.dtype)
-    row = (r_mx, r_se, r_best, r_hit)
-    col = (t, m_c, gid_c, c_mx, c_se, c_best, c_hit)
-    return row, col, stats
+    sums["neg_sum"] = jnp.where(cross, cos, 0.0).sum()
+    sums["neg_cnt"] = cross.sum().astype(cos.dtype)
+    return (r_mx, r_se, r_best, r_hit), (c_mx, c_se, c_best, c_hit), sums
+
+
+def _ring_forward(cfg: _Ring, v, t, m, scale):
+    """The ring's forward: (row LSE, column LSE, BCE sum, metric stats) of this device."""
+    n = v.shape[0]
+    dt = v.dtype
+    neg_inf = _vary(cfg, jnp.full((n,), -jnp.inf, dt))
+    zeros = _vary(cfg, jnp.zeros((n,), dt))
+    false = _vary(cfg, jnp.zeros((n,), bool))
+    names = ("neg_sum", "neg_cnt", "bce") if cfg.mode == "bce" else ("neg_sum", "neg_cnt")
+    zero_sums = {name: _vary(cfg, jnp.zeros((), dt)) for name in names}
+    local = (v, m, _slot_ids(cfg, n, 0))
+
+    def visit(carry, step):
+        """All chunks of the block visiting at `step` against the local rows."""
+        row, (t_b, m_b, *stats_b), sums = carry
+        chunks = _in_chunks(cfg, (t_b, m_b, _slot_ids(cfg, n, step), *stats_b))
+
+        def tile(carry, ch):
+            row, sums = carry
+            row, stats, tile_sums = _forward_tile(cfg, local, row, ch, scale)
+            return (row, jax.tree.map(jnp.add, sums, tile_sums)), stats
+
+        (row, sums), stats_b = jax.lax.scan(tile, (row, sums), chunks)
+        stats_b = tuple(x.reshape(n) for x in stats_b)
+        return row, (t_b, m_b, *stats_b), sums
+
+    def ring_step(carry, step):
+        row, block, sums = visit(carry, step)
+        return (row, _pass_on(block, cfg), sums), None
+
+    row0 = (neg_inf, zeros, neg_inf, false)
+    block0 = (t, m, neg_inf, zeros, neg_inf, false)
+    steps = jnp.arange(cfg.ndev - 1)
+    carry, _ = jax.lax.scan(ring_step, (row0, block0, zero_sums), steps)
+    # Last visit: the texts are done with, only the column stats go home.
+    (r_mx, r_se, _, r_hit), (_, _, *stats_b), sums = visit(carry, cfg.ndev - 1)
+    c_mx, c_se, _, c_hit = _pass_on(tuple(stats_b), cfg)
+    if cfg.mode == "ce":
+        r_lse, c_lse = r_mx + jnp.log(r_se), c_mx + jnp.log(c_se)
+    else:
+        r_lse = c_lse = zeros
+    bce = sums.get("bce", _vary(cfg, jnp.zeros((), dt)))
+    hits = (r_hit.astype(dt), c_hit.astype(dt))
+    return (r_lse, c_lse, bce, *hits, sums["neg_sum"], sums["neg_cnt"])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(cfg: _Ring, v, t, m, scale):
+    """This device's slots against the whole batch, v, t [n, D] normalised, m [n], scale ().
+
+    Returns (row LSE [n], column LSE [n], BCE sum, I->T hits [n], T->I hits [n], cross-image
+    cosine sum and count); the hits and cosine stats are metrics, without gradient.
+    """
+    return _ring_forward(cfg, v, t, m, scale)
+
+
+def _ring_fwd(cfg: _Ring, v, t, m, scale):
+    out = _ring_forward(cfg, v, t, m, scale)
+    r_lse, c_lse = out[:2]
+    return out, (v, t, m, scale, r_lse, c_lse)  # O(n D): nothing of the visiting blocks
+
+
+def _ring_bwd(cfg: _Ring, res, g):
+    """Runs the ring again: recomputes each tile; dt accumulates in a buffer on the round."""
+    v, t, m, scale, r_lse, c_lse = res
+    g_row, g_col, g_bce = g[:3]  # the metric stats have no gradient
+    n, d = v.shape
+    gid = _slot_ids(cfg, n, 0)
+
+    def tile(carry, ch):
+        dv, dscale = carry
+        t_c, m_c, gid_c, lse_c, g_c = ch
+        cos, s, x_it, x_ti, same, eye, vv = _tile_logits(cfg, v, t_c, m, m_c, gid, gid_c, scale)
+        if cfg.mode == "ce":
+            p_row = jnp.exp(x_it - r_lse[:, None])
+            p_col = jnp.exp(x_ti - lse_c[None, :])
+            if cfg.mask_padding:  # masked logits are constants: no gradient reaches them
+                p_row = jnp.where(m_c[None, :], p_row, 0.0)
+                p_col = jnp.where(m[:, None], p_col, 0.0)
+            ds = g_row[:, None] * p_row + g_c[None, :] * p_col
+        else:
+            y, omega = _bce_terms(cfg, same, eye, vv, s.dtype)
+            ds = g_bce * omega * (jax.nn.sigmoid(s) - y)
+        dv = dv + scale * (ds @ t_c)
+        dscale = dscale + (ds * cos).sum()
+        return (dv, dscale), scale * (ds.T @ v)
+
+    def visit(carry, step):
+        dv, dscale, (t_b, m_b, lse_b, g_b, dt_b) = carry
+        chunks = _in_chunks(cfg, (t_b, m_b, _slot_ids(cfg, n, step), lse_b, g_b))
+        (dv, dscale), dt_chunks = jax.lax.scan(tile, (dv, dscale), chunks)
+        return dv, dscale, (t_b, m_b, lse_b, g_b, dt_b + dt_chunks.reshape(n, d))
+
+    def ring_step(carry, step):
+        dv, dscale, block = visit(carry, step)
+        return (dv, dscale, _pass_on(block, cfg)), None
+
+    # The texts move first, so that the ring ends with each block at home and its dt complete:
+    # no trailing send, and every collective here depends on the one before.
+    zeros = _vary(cfg, jnp.zeros((n, d), v.dtype))
+    block = (*_pass_on((t, m, c_lse, g_col), cfg), zeros)
+    carry0 = (zeros, _vary(cfg, jnp.zeros((), v.dtype)), block)
+    carry, _ = jax.lax.scan(ring_step, carry0, jnp.arange(1, cfg.ndev))
+    dv, dscale, (*_, dt) = visit(carry, cfg.ndev)
+    return dv, dt, None, dscale
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def _blockwise(v, t, valid, scale, *, axis, block_size, **kw):
@@ -115,78 +293,21 @@ def _blockwise(v, t, valid, scale, *, axis, block_size, **kw):
     v = losses._normalize(v, dt)
     t = losses._normalize(t, dt)
     scale = jnp.asarray(scale, dt)
+    ndev = 1 if axis is None else jax.lax.psum(1, axis)
+    cfg = _Ring(axis=axis, ndev=ndev, k=k, chunk=_chunk(n, block_size), **kw)
     m = valid.reshape(n).astype(bool)
-    if axis is None:
-        ndev, me = 1, 0
-    else:
-        ndev = jax.lax.psum(1, axis)
-        me = jax.lax.axis_index(axis)
-    gid = (me * n + jnp.arange(n)).astype(jnp.int32)
-    c = _chunk(n, block_size)
-    nchunks = n // c
-    neg_inf = jnp.full((n,), -jnp.inf, dt)
-    zeros = jnp.zeros((n,), dt)
-    false = jnp.zeros((n,), bool)
-    vf, tf = v.reshape(n, d), t.reshape(n, d)
-    local = (vf, m, gid)  # loop constants: saved once, not per step
-    # Loop carries differ per device ("varying" in shard_map's type system) from the start.
-    vary = (lambda x: x) if axis is None else (lambda x: jax.lax.pcast(x, axis, to="varying"))
-    neg_inf, zeros, false = vary(neg_inf), vary(zeros), vary(false)
-    row0 = (neg_inf, zeros, neg_inf, false)
-    col0 = (tf, m, gid, neg_inf, zeros, neg_inf, false)
-    tile = jax.checkpoint(functools.partial(_tile, **kw, k=k))
-    names = ("neg_sum", "neg_cnt", "bce") if kw["mode"] == "bce" else ("neg_sum", "neg_cnt")
-    zero_stats = {name: vary(jnp.zeros((), dt)) for name in names}
-
-    def visit(row, col):
-        """All chunks of one visiting block against the local rows."""
-        chunks = jax.tree.map(lambda x: x.reshape((nchunks, c) + x.shape[1:]), col)
-
-        def step(carry, ch):
-            row, acc = carry
-            row, ch, stats = tile(local, row, ch, scale)
-            return (row, jax.tree.map(jnp.add, acc, stats)), ch
-
-        (row, acc), chunks = jax.lax.scan(step, (row, zero_stats), chunks)
-        return row, jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), chunks), acc
-
-    def ring(carry, _):
-        row, col, acc = carry
-        row, col, stats = visit(row, col)
-        if axis is not None:
-            col = _pass_on(col, axis, ndev)
-        return (row, col, jax.tree.map(jnp.add, acc, stats)), None
-
-    (row, col, acc), _ = jax.lax.scan(ring, (row0, col0, zero_stats), None, length=ndev)
-    r_mx, r_se, _, r_hit = row
-    _, _, _, c_mx, c_se, _, c_hit = col
-    return _finish(v, t, valid, scale, r_mx, r_se, r_hit, c_mx, c_se, c_hit, acc, axis, ndev, kw)
+    # The scale is the same on every device; typed per device here, autodiff psums its cotangent.
+    ring = _ring(cfg, v.reshape(n, d), t.reshape(n, d), m, _vary(cfg, scale))
+    return _finish(v, t, valid, scale, ring, cfg)
 
 
-def _pass_on(col, axis, ndev):
-    """Sends the visiting block to the next device as ONE array (one collective per step).
-
-    Several independent collectives in one step could start in a different order on different
-    devices, which XLA's CPU runtime can deadlock on; a single packed send cannot. Flags and slot
-    ids travel as floats (exact below 2^24 slots).
-    """
-    t, m_c, gid_c, c_mx, c_se, c_best, c_hit = col
-    dt = t.dtype
-    extra = jnp.stack([m_c.astype(dt), gid_c.astype(dt), c_mx, c_se, c_best, c_hit.astype(dt)], 1)
-    packed = jax.lax.ppermute(
-        jnp.concatenate([t, extra], 1), axis, [(i, (i + 1) % ndev) for i in range(ndev)]
-    )
-    t, extra = packed[:, : t.shape[1]], packed[:, t.shape[1] :]
-    m_c, gid_c, c_mx, c_se, c_best, c_hit = (extra[:, i] for i in range(6))
-    return (t, m_c > 0, gid_c.astype(jnp.int32), c_mx, c_se, c_best, c_hit > 0)
-
-
-def _finish(v, t, valid, scale, r_mx, r_se, r_hit, c_mx, c_se, c_hit, acc, axis, ndev, kw):
+def _finish(v, t, valid, scale, ring, cfg: _Ring):
     """The local (same-image) terms and the cross-device sums."""
     b, k, _ = v.shape
     n = b * k
-    mode, alpha, beta = kw["mode"], kw["alpha"], kw["beta"]
-    psum = (lambda x: x) if axis is None else (lambda x: jax.lax.psum(x, axis))
+    mode, alpha, beta = cfg.mode, cfg.alpha, cfg.beta
+    lse_it, lse_ti, bce, r_hit, c_hit, neg_sum, neg_cnt = ring
+    psum = (lambda x: x) if cfg.axis is None else (lambda x: jax.lax.psum(x, cfg.axis))
     mf = valid.reshape(n).astype(v.dtype)
     count = jnp.maximum(psum(mf.sum()), 1.0)
     mean = lambda x: psum((x * mf).sum()) / count
@@ -199,8 +320,7 @@ def _finish(v, t, valid, scale, r_mx, r_se, r_hit, c_mx, c_se, c_hit, acc, axis,
     if mode == "ce":
         w = jnp.where(vv, alpha * eye + beta * ~eye, 0.0).astype(v.dtype)
         q = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-8)
-        lse_it = (r_mx + jnp.log(r_se)).reshape(b, k)
-        lse_ti = (c_mx + jnp.log(c_se)).reshape(b, k)
+        lse_it, lse_ti = lse_it.reshape(b, k), lse_ti.reshape(b, k)
         l_it = lse_it - (q * s_img).sum(-1)
         l_ti = lse_ti - (q * jnp.swapaxes(s_img, 1, 2)).sum(-1)
         # Padded rows are dropped by the mean; `where` keeps their LSE out of the gradient.
@@ -209,16 +329,16 @@ def _finish(v, t, valid, scale, r_mx, r_se, r_hit, c_mx, c_se, c_hit, acc, axis,
         ent = -jnp.where(q > 0, q * jnp.log(jnp.where(q > 0, q, 1.0)), 0.0).sum(-1)
         metrics["target_entropy"] = mean(ent.reshape(n))
     else:
-        total = n * ndev
-        loss_it = loss_ti = psum(acc["bce"]) / (total * total)
+        total = n * cfg.ndev
+        loss_it = loss_ti = psum(bce) / (total * total)
     loss = 0.5 * (loss_it + loss_ti)
     out = {
         "loss_i2t": loss_it,
         "loss_t2i": loss_ti,
-        "acc_i2t": mean(r_hit.astype(v.dtype)),
-        "acc_t2i": mean(c_hit.astype(v.dtype)),
+        "acc_i2t": mean(r_hit),
+        "acc_t2i": mean(c_hit),
         "pos_sim": mean(jnp.diagonal(cos_img, axis1=1, axis2=2).reshape(n)),
-        "neg_sim": psum(acc["neg_sum"]) / jnp.maximum(psum(acc["neg_cnt"]), 1.0),
+        "neg_sim": psum(neg_sum) / jnp.maximum(psum(neg_cnt), 1.0),
         "scale": scale,
         **metrics,
     }
