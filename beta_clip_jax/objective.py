@@ -35,6 +35,10 @@ def default_loss_config() -> ml_collections.ConfigDict:
             "cal_scope": "group",
             "global_weight": 1.0,
             "cal_weight": 1.0,
+            # > 0: β-CAL is off (weight 0) and the pooler's learning rate is 0 before this step,
+            # so the run first trains plain CLIP and then fine-tunes it with β-CAL, as β-CLIP
+            # fine-tunes a pretrained CLIP (configs/demo.py).
+            "cal_start_step": 0,
             # name="smartclip" (methods/smartclip.py; needs model.method="smartclip").
             "smartclip": {"align_weight": 0.5, "sparse_weight": 0.1},
             # name="holistic" (methods/holistic.py m2m_loss; needs model.method="holistic").
@@ -113,7 +117,7 @@ def grouped_beta_cal(pooled, text, valid, scale, loss_cfg):
     return per_loss.mean(), jax.tree.map(jnp.mean, per_metrics)
 
 
-def training_loss(outputs, valid, loss_cfg):
+def training_loss(outputs, valid, loss_cfg, step=None):
     """(loss, metrics) for one batch.
 
     Args:
@@ -121,6 +125,7 @@ def training_loss(outputs, valid, loss_cfg):
         [B,K,E], logit_scale and pooler_logit_scale (logs), optional logit_bias (SigLIP).
       valid: [B, K] bool slot validity.
       loss_cfg: config.loss (see default_loss_config()).
+      step: the optimiser step (0-based) this loss is for; needed when loss.cal_start_step > 0.
 
     Metrics: loss, loss_global, loss_cal (beta_clip only), global/* and cal/* from the losses,
     temperature_global, temperature_cal (1/s).
@@ -158,13 +163,22 @@ def training_loss(outputs, valid, loss_cfg):
             raise ValueError(f"loss.cal_scope must be 'group' or 'global', got {scope!r}")
         cal = global_cal.from_loss_config if scope == "global" else grouped_beta_cal
         loss_c, m_c = cal(outputs["pooled"], text, valid, s_c, loss_cfg)
-        loss = loss + loss_cfg.cal_weight * loss_c
+        loss = loss + _cal_weight(loss_cfg, step) * loss_c
         metrics["loss_cal"] = loss_c
         metrics["temperature_cal"] = 1.0 / s_c
         metrics.update({f"cal/{key}": val for key, val in m_c.items()})
 
     metrics["loss"] = loss
     return loss, metrics
+
+
+def _cal_weight(loss_cfg, step):
+    start = int(loss_cfg.get("cal_start_step", 0) or 0)
+    if start <= 0:
+        return loss_cfg.cal_weight
+    if step is None:
+        raise ValueError("loss.cal_start_step > 0 needs the step passed to training_loss")
+    return loss_cfg.cal_weight * (jnp.asarray(step) >= start).astype(jnp.float32)
 
 
 def _method_inputs(outputs, valid, name, key):

@@ -82,9 +82,18 @@ def main_schedule(optim_cfg, total_steps: int):
     )
 
 
-def pooler_schedule(optim_cfg, total_steps: int):
+def pooler_schedule(optim_cfg, total_steps: int, start_step: int = 0):
+    """Cosine from pooler_lr to pooler_final_lr; with start_step > 0 the rate is 0 before it and
+    the cosine runs over the remaining steps (the pooler starts with β-CAL: loss.cal_start_step).
+    A zero rate also means no weight decay: AdamW's decay is scaled by the rate."""
     alpha = optim_cfg.pooler_final_lr / optim_cfg.pooler_lr if optim_cfg.pooler_lr else 0.0
-    return optax.cosine_decay_schedule(optim_cfg.pooler_lr, max(total_steps, 1), alpha=alpha)
+    start_step = min(max(int(start_step), 0), max(total_steps - 1, 0))
+    cosine = optax.cosine_decay_schedule(
+        optim_cfg.pooler_lr, max(total_steps - start_step, 1), alpha=alpha
+    )
+    if start_step <= 0:
+        return cosine
+    return optax.join_schedules([optax.constant_schedule(0.0), cosine], [start_step])
 
 
 def freeze_text_rows(num_rows: int) -> optax.GradientTransformation:
@@ -132,11 +141,11 @@ def _adamw(schedule, optim_cfg):
     )
 
 
-def make_optimizer(optim_cfg, total_steps: int, frozen_positions: int):
+def make_optimizer(optim_cfg, total_steps: int, frozen_positions: int, pooler_start_step: int = 0):
     """The full gradient transformation; schedules are also returned for logging."""
     schedules = {
         MAIN_GROUP: main_schedule(optim_cfg, total_steps),
-        POOLER_GROUP: pooler_schedule(optim_cfg, total_steps),
+        POOLER_GROUP: pooler_schedule(optim_cfg, total_steps, pooler_start_step),
     }
     parts = []
     if optim_cfg.get("grad_clip", 0.0):

@@ -104,11 +104,11 @@ def init_state(model, tx, config, mesh, params_sh, opt_sh, init_params=None):
     return params, opt_state
 
 
-def _loss_and_grads(model, loss_cfg, params, batch):
+def _loss_and_grads(model, loss_cfg, params, batch, step):
     def loss_fn(p):
         images = normalize(batch["image"])
         outputs = model.apply({"params": p}, images, batch["sentences"], batch["phrases"])
-        return objective.training_loss(outputs, batch["valid"], loss_cfg)
+        return objective.training_loss(outputs, batch["valid"], loss_cfg, step)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, metrics, grads
@@ -128,12 +128,12 @@ def split_micro_batches(x: jax.Array, n: int) -> jax.Array:
 def train_step(state: TrainState, batch, *, model, tx, loss_cfg, grad_accum: int):
     """One optimiser step; with grad_accum > 1 the batch is split into micro-batches."""
     if grad_accum <= 1:
-        loss, metrics, grads = _loss_and_grads(model, loss_cfg, state.params, batch)
+        loss, metrics, grads = _loss_and_grads(model, loss_cfg, state.params, batch, state.step)
     else:
         micro = jax.tree.map(lambda x: split_micro_batches(x, grad_accum), batch)
 
         def body(carry, mb):
-            loss, metrics, grads = _loss_and_grads(model, loss_cfg, state.params, mb)
+            loss, metrics, grads = _loss_and_grads(model, loss_cfg, state.params, mb, state.step)
             acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
             return acc, None
 
@@ -141,7 +141,7 @@ def train_step(state: TrainState, batch, *, model, tx, loss_cfg, grad_accum: int
             jnp.zeros_like,
             jax.eval_shape(
                 lambda: _loss_and_grads(
-                    model, loss_cfg, state.params, jax.tree.map(lambda x: x[0], micro)
+                    model, loss_cfg, state.params, jax.tree.map(lambda x: x[0], micro), state.step
                 )
             ),
         )

@@ -151,7 +151,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model = build_model(config.model)
     tokenizer = Tokenizer()
     num_steps = total_steps(config)
-    tx, schedules = make_optimizer(config.optim, num_steps, int(config.model.frozen_positions))
+    tx, schedules = make_optimizer(
+        config.optim,
+        num_steps,
+        int(config.model.frozen_positions),
+        pooler_start_step=int(config.loss.get("cal_start_step", 0) or 0),
+    )
     evaluators = _build_evaluators(config)
     _setup_workdir(config, workdir)
     writer = MetricsWriter(workdir)

@@ -208,3 +208,25 @@ def test_memory_grows_linearly_with_groups(capsys):
     # The check can fail: a single group over the whole batch does build N x N with N = B*K.
     jaxpr = jax.make_jaxpr(big_fn)(params, *_abstract_args(8 * GROUP)).jaxpr
     assert 8 * GROUP * MK in _all_dims(jaxpr)
+
+
+@pytest.mark.parametrize("mode", ["ce", "bce"])
+def test_cal_start_step_switches_beta_cal_on(mode):
+    """Before loss.cal_start_step the objective is the global InfoNCE alone (and β-CAL gives no
+    gradient); from that step on it is the full objective."""
+    out, valid = _outputs(4)
+    full, met = objective.training_loss(out, valid, _cfg(mode=mode, group_size=2))
+    cfg = _cfg(mode=mode, group_size=2, cal_start_step=10)
+    before, met_before = objective.training_loss(out, valid, cfg, step=9)
+    after, _ = objective.training_loss(out, valid, cfg, step=jnp.asarray(10))
+    np.testing.assert_allclose(before, met["loss_global"], rtol=1e-6)
+    np.testing.assert_allclose(after, full, rtol=1e-6)
+    assert float(met_before["loss_cal"]) > 0  # still logged
+
+    def pooled_grad(step):
+        fn = lambda pooled: objective.training_loss({**out, "pooled": pooled}, valid, cfg, step)[0]
+        return jax.grad(fn)(out["pooled"])
+
+    assert not np.any(pooled_grad(9)) and np.any(pooled_grad(10))
+    with pytest.raises(ValueError, match="cal_start_step"):
+        objective.training_loss(out, valid, cfg)

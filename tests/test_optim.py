@@ -13,6 +13,7 @@ from beta_clip_jax.optim import (
     main_schedule,
     make_optimizer,
     optim_defaults,
+    pooler_schedule,
 )
 
 
@@ -49,6 +50,24 @@ def test_schedules_follow_reference_shape():
     i, n = 50 - 5, 100 - 5
     want = cfg.final_lr + 0.5 * (cfg.lr - cfg.final_lr) * (1 + np.cos(np.pi * i / n))
     assert float(sched(50)) == pytest.approx(want, rel=1e-5)
+
+
+def test_pooler_schedule_can_start_late():
+    """With a start step the pooler's rate is 0 before it, then the same cosine shape over the
+    remaining steps."""
+    cfg = optim_defaults()
+    plain = pooler_schedule(cfg, 60)
+    late = pooler_schedule(cfg, 100, start_step=40)
+    assert all(float(late(s)) == 0.0 for s in (0, 20, 39))
+    for i in (0, 15, 30, 60):
+        assert float(late(40 + i)) == pytest.approx(float(plain(i)), rel=1e-6)
+    assert float(late(100)) == pytest.approx(cfg.pooler_final_lr, rel=1e-5)
+    # No update and no weight decay while the rate is 0.
+    tx, _ = make_optimizer(cfg, total_steps=100, frozen_positions=0, pooler_start_step=40)
+    params = _params()
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert not np.any(updates["pooler"]["fc1"]["kernel"]) and np.any(updates["visual"]["proj"])
 
 
 def test_frozen_rows_never_change_and_groups_use_their_own_lr():
