@@ -142,7 +142,8 @@ def load_params_from_workdir(workdir: str, step: int | None = None):
     path = checkpoint_dir(workdir)
     if not has_checkpoint(workdir):
         raise FileNotFoundError(f"no checkpoint under {path}; train first or pass another path")
-    with ocp.CheckpointManager(path, item_handlers=item_handlers(with_data=False)) as manager:
+    # Every item named (data included), so Orbax does not warn about the ones left unrestored.
+    with ocp.CheckpointManager(path, item_handlers=item_handlers()) as manager:
         step = manager.latest_step() if step is None else int(step)
         if step not in manager.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} under {path}")
