@@ -32,6 +32,7 @@ def test_variant_table_and_overrides():
         ({"variant": "tiny", "remat": "some"}, ["remat"]),
         ({"variant": "tiny", "attention": "flash"}, ["attention='flash'", "cudnn"]),
         ({"variant": "tiny", "attention": "cudnn"}, ["cudnn", "bfloat16"]),
+        ({"variant": "tiny", "pooler_value_init": "eye"}, ["pooler_value_init='eye'"]),
     ],
 )
 def test_bad_model_configs_name_the_problem(cfg, words):

@@ -153,3 +153,29 @@ def test_bfloat16_compute_is_close():
     )
     assert attn_bf.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out_bf, np.float32), np.asarray(out), atol=0.1)
+
+
+def test_identity_value_init_pools_the_patch_tokens_themselves():
+    """value_init="identity": each head's slice of the attention output is the attention-weighted
+    mean of that slice of the L2-normalised patches (NumPy), then the usual LN + MLP residual.
+    Query and key keep the reference initialisation."""
+    model = TextConditionedPooler(num_heads=H, value_init="identity")
+    text, patches = _inputs()
+    params = nn.unbox(model.init(jax.random.key(0), jnp.asarray(text), jnp.asarray(patches)))
+    params = params["params"]
+    pooled, attn = model.apply({"params": params}, jnp.asarray(text), jnp.asarray(patches))
+    zhat = patches / np.linalg.norm(patches, axis=-1, keepdims=True)
+    dh = E // H
+    heads = np.einsum("bhkp,bphd->bkhd", np.asarray(attn), zhat.reshape(B, P, H, dh))
+    o = heads.reshape(B, K, E)
+    ln = params["ln"]
+    y = (o - o.mean(-1, keepdims=True)) / np.sqrt(o.var(-1, keepdims=True) + 1e-5)
+    y = y * np.asarray(ln["scale"]) + np.asarray(ln["bias"])
+    hid = y @ np.asarray(params["fc1"]["kernel"]) + np.asarray(params["fc1"]["bias"])
+    hid = hid / (1 + np.exp(-1.702 * hid))
+    want = o + hid @ np.asarray(params["fc2"]["kernel"]) + np.asarray(params["fc2"]["bias"])
+    np.testing.assert_allclose(np.asarray(pooled), want, rtol=1e-4, atol=1e-5)
+    reference = nn.unbox(_init()[1])["params"]
+    assert np.asarray(params["query"]["kernel"]).std() == pytest.approx(
+        np.asarray(reference["query"]["kernel"]).std(), rel=0.2
+    )

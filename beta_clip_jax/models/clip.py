@@ -85,7 +85,9 @@ class BetaCLIP(nn.Module):
             remat=c.remat,
             attention=c.attention,
         )
-        self.pooler = TextConditionedPooler(num_heads=c.pooler_heads, dtype=dt)
+        self.pooler = TextConditionedPooler(
+            num_heads=c.pooler_heads, dtype=dt, value_init=c.pooler_value_init
+        )
         if c.method == "smartclip":
             self.smart_mask = MaskHead(
                 embed_dim=c.embed_dim, num_heads=c.mask_heads or c.text_heads, dtype=dt

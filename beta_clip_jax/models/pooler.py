@@ -40,6 +40,13 @@ def _uniform(bound: float):
     return init
 
 
+def _identity(key, shape, dtype=jnp.float32):
+    """The E x E identity, reshaped to a head-split kernel ([E, H, dh] or [H, dh, E])."""
+    del key
+    e = math.isqrt(math.prod(shape))
+    return jnp.eye(e, dtype=dtype).reshape(shape)
+
+
 def _param(module, name, init, shape, axes):
     """A float32 parameter carrying logical axis names for the sharding rules."""
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
@@ -58,12 +65,12 @@ class _Affine(nn.Module):
     bias_shape: tuple[int, ...]
     bias_axes: tuple[str, ...]
     bias_bound: float = 0.0  # 0 means a zero-initialised bias
+    identity: bool = False  # kernel = the identity map (reshaped to kernel_shape) instead
 
     @nn.compact
     def __call__(self) -> tuple[jax.Array, jax.Array]:
-        kernel = _param(
-            self, "kernel", _uniform(self.kernel_bound), self.kernel_shape, self.kernel_axes
-        )
+        init = _identity if self.identity else _uniform(self.kernel_bound)
+        kernel = _param(self, "kernel", init, self.kernel_shape, self.kernel_axes)
         bias_init = _uniform(self.bias_bound) if self.bias_bound else nn.initializers.zeros_init()
         bias = _param(self, "bias", bias_init, self.bias_shape, self.bias_axes)
         return kernel, bias
@@ -101,11 +108,15 @@ class TextConditionedPooler(nn.Module):
       num_heads: attention heads H (embed dim E must be divisible by it).
       mlp_ratio: hidden width of the output MLP as a multiple of E.
       dtype: compute dtype of the matmuls; parameters, softmax and LayerNorm stay float32.
+      value_init: "reference" (PyTorch's MHA initialisation) or "identity": the value and output
+        projections start as the identity, so a pooled view starts as an attention-weighted mean
+        of the patch tokens themselves (in the space the dense FG-OVD score reads them).
     """
 
     num_heads: int = 8
     mlp_ratio: int = 4
     dtype: Any = jnp.float32
+    value_init: str = "reference"
 
     @nn.compact
     def __call__(self, text_emb: jax.Array, patches: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -140,9 +151,17 @@ class TextConditionedPooler(nn.Module):
         q_in = l2_normalize(text_emb).astype(cd)
         kv_in = l2_normalize(patches).astype(cd)
 
+        identity = self.value_init == "identity"
+
         def proj(name, x):
             w, b = _Affine(
-                (e, h, dh), ("embed", "heads", "kv"), in_bound, (h, dh), ("heads", "kv"), name=name
+                (e, h, dh),
+                ("embed", "heads", "kv"),
+                in_bound,
+                (h, dh),
+                ("heads", "kv"),
+                identity=identity and name == "value",
+                name=name,
             )()
             return jnp.einsum("bte,ehd->bthd", x, w.astype(cd)) + b.astype(cd)
 
@@ -155,7 +174,13 @@ class TextConditionedPooler(nn.Module):
         ctx = jnp.einsum("bhkp,bphd->bkhd", attn.astype(cd), v)
 
         w_o, b_o = _Affine(
-            (h, dh, e), ("heads", "kv", "embed"), e_bound, (e,), ("embed",), name="out"
+            (h, dh, e),
+            ("heads", "kv", "embed"),
+            e_bound,
+            (e,),
+            ("embed",),
+            identity=identity,
+            name="out",
         )()
         o = jnp.einsum("bkhd,hde->bke", ctx, w_o.astype(cd)) + b_o.astype(cd)
 

@@ -34,6 +34,9 @@ OPTION_DEFAULTS = {
     # Towers' attention kernel: "auto" (JAX picks; XLA's attention today), "xla", or "cudnn"
     # (NVIDIA GPUs only, bfloat16 compute; cuDNN's fused flash attention).
     "attention": "auto",
+    # Pooler value/output projections at init: "reference" (PyTorch MHA defaults) or "identity"
+    # (pooled view = attention-weighted mean of the patch tokens; configs/demo.py, from scratch).
+    "pooler_value_init": "reference",
     "frozen_positions": 20,  # leading text positions kept fixed (Long-CLIP stretching)
     # Which method's training outputs the model adds (docs/methods.md):
     #   "beta_clip": none (plain tree); "smartclip": mask head `smart_mask` -> outputs
@@ -128,6 +131,8 @@ def _validate(c: ml_collections.ConfigDict) -> None:
         errors.append(f"dtype={c.dtype!r} (allowed {_DTYPES})")
     if c.remat not in _REMAT:
         errors.append(f"remat={c.remat!r} (allowed {_REMAT})")
+    if c.pooler_value_init not in ("reference", "identity"):
+        errors.append(f"pooler_value_init={c.pooler_value_init!r} (allowed reference, identity)")
     if c.attention not in ATTENTION:
         errors.append(f"attention={c.attention!r} (allowed {ATTENTION})")
     elif c.attention == "cudnn" and c.dtype != "bfloat16":
