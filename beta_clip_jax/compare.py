@@ -68,13 +68,16 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def differing_fields(runs: list[dict]) -> list[str]:
-    """Config fields (other than the seed) set in every run of a group, with differing values.
+    """Config fields (other than the seed) whose values differ between the runs of a group.
 
-    Fields missing from some config.json (written by an older or newer version) are not compared.
+    A field that some config.json files lack (written by an older or newer version) is listed as
+    "FIELD (absent from some runs)": the runs may then differ in a setting that did not exist yet.
     """
     flats = [_flat(run["config"]) for run in runs]
-    keys = set.intersection(*(set(f) for f in flats)) - {"seed"}
-    return sorted(k for k in keys if len({f[k] for f in flats}) > 1)
+    common = set.intersection(*(set(f) for f in flats)) - {"seed"}
+    partial = set.union(*(set(f) for f in flats)) - common - {"seed"}
+    differ = sorted(k for k in common if len({f[k] for f in flats}) > 1)
+    return differ + [f"{k} (absent from some runs)" for k in sorted(partial)]
 
 
 def mean_spread(values) -> tuple[float, float]:

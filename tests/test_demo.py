@@ -118,3 +118,17 @@ def test_compare_groups_seeds_with_mean_and_spread(tmp_path):
     table = compare.format_comparison(groups)
     assert "20.0 ± 10.0" in table and "num_images" not in table
     assert_png(compare.plot_comparison(groups, str(tmp_path / "c.png")))
+
+
+def test_compare_warns_about_settings_that_differ_within_a_group(tmp_path):
+    a = fake_run(tmp_path / "a", 0, "beta_clip", 10.0)
+    b = fake_run(tmp_path / "b", 1, "beta_clip", 20.0)
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    config["model"] = {"pooler_value_init": "identity"}  # a field the older run does not have
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
+    groups = compare.collect([a, b])
+    assert compare.differing_fields(groups["beta_clip ce beta=0.5"]) == [
+        "model.pooler_value_init (absent from some runs)"
+    ]
+    table = compare.format_comparison(groups)
+    assert "warning: these runs also differ in model.pooler_value_init" in table
