@@ -2,7 +2,6 @@
 its plots; compare reads the workdirs."""
 
 import contextlib
-import importlib.util
 import io
 import json
 import pathlib
@@ -10,19 +9,15 @@ import pathlib
 import numpy as np
 import pytest
 from PIL import Image
+from train_helpers import apply_overrides, load_config
 
 from beta_clip_jax import compare, plots
 from beta_clip_jax.metrics_writer import read_metrics
 from beta_clip_jax.train import train_and_evaluate
 
-CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
-
 
 def demo_config(method: str, **overrides):
-    spec = importlib.util.spec_from_file_location("demo_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(method)
+    c = load_config("demo.py", method)
     # A few steps on a small batch and a handful of eval scenes: the same code paths, seconds.
     c.num_steps = 2
     c.batch_size = 8
@@ -30,13 +25,7 @@ def demo_config(method: str, **overrides):
     c.log_every = 1
     c.evals.synthetic.num_examples = 6
     c.evals.synthetic.every = 0  # only the final evaluation
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return apply_overrides(c, overrides)
 
 
 def assert_png(path):

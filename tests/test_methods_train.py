@@ -1,6 +1,5 @@
 """SmartCLIP, Holistic CLIP and IsoCLIP wired into the model, objective, trainer and evaluators."""
 
-import importlib.util
 import json
 import os
 
@@ -11,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
+from train_helpers import load_config
 
 from beta_clip_jax import objective
 from beta_clip_jax.api import Encoder
@@ -24,8 +24,6 @@ from beta_clip_jax.models.clip import (
 )
 from beta_clip_jax.models.layers import ResidualBlock
 from beta_clip_jax.models.variants import model_config
-
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def _inputs(b=2, s=3, length=8):
@@ -191,14 +189,6 @@ def test_holistic_objective_is_m2m_on_sentence_slots():
 # ---- the configs train, evaluate and write metrics.jsonl ----------------------------------
 
 
-def _config(name: str, arg: str | None = None):
-    path = os.path.join(CONFIGS, name)
-    spec = importlib.util.spec_from_file_location(f"test_cfg_{name[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if arg is None else module.get_config(arg)
-
-
 def _shrink(c):
     c.num_steps = 2
     c.log_every = 1
@@ -228,7 +218,7 @@ def test_method_configs_train_and_evaluate(tmp_path, config, arg, key):
     from beta_clip_jax.metrics_writer import read_metrics
     from beta_clip_jax.train import train_and_evaluate
 
-    c = _shrink(_config(config, arg))
+    c = _shrink(load_config(config, arg))
     plain_cfg = c.model.to_dict() | {"method": "beta_clip", "image_branches": 1}
     plain = _plain_workdir(str(tmp_path / "plain"), c, plain_cfg)
     c.init = str(tmp_path / "plain")

@@ -11,7 +11,6 @@ Multi-process runs use no persistent compilation cache (train.py turns it off; s
 _no_compilation_cache_on_cpu_clusters).
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -23,6 +22,7 @@ from pathlib import Path
 import grain
 import numpy as np
 import pytest
+from train_helpers import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny_test.py"
@@ -282,10 +282,7 @@ def _one_process_reference(workdir):
         )
 
     pipeline.build_train_iterator = two_shards
-    spec = importlib.util.spec_from_file_location("tiny_test_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config("tiny_test.py")
     config.num_steps = NUM_STEPS  # the same schedule as the 2-process run ...
     config.checkpoint_every = CHECKPOINT_EVERY
     config.stop_at_step = COMPARED_STEPS  # ... for fewer steps

@@ -1,23 +1,21 @@
-"""A tiny training config on the synthetic scenes, shared by the training tests."""
+"""Training-test helpers: configs/*.py loaded by path, dotted overrides, the tiny config."""
 
-from beta_clip_jax.config_defaults import base_config
+import importlib.util
+import pathlib
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
-def tiny_config(**overrides):
-    c = base_config("tiny")
-    c.data.name = "synthetic"
-    c.data.max_sentences = 2
-    c.data.max_phrases = 4
-    c.data.text_length = 48
-    c.data.phrase_length = 12
-    c.batch_size = 8
-    c.loss.group_size = 4
-    c.num_steps = 6
-    c.log_every = 1
-    c.checkpoint_every = 3
-    c.optim.lr = 1e-3
-    c.optim.final_lr = 1e-4
-    c.mesh.num_devices = 1  # the sharding tests ask for all 8 simulated devices
+def load_config(name: str, arg: str | None = None):
+    """configs/NAME's get_config([arg]); config files are loaded by path, not imported."""
+    spec = importlib.util.spec_from_file_location(f"test_config_{name[:-3]}", CONFIGS / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+def apply_overrides(c, overrides: dict):
+    """Sets each "a.b.c" key of `overrides` in config `c`; returns `c`."""
     for key, value in overrides.items():
         target = c
         *parents, leaf = key.split(".")
@@ -25,6 +23,13 @@ def tiny_config(**overrides):
             target = target[p]
         target[leaf] = value
     return c
+
+
+def tiny_config(**overrides):
+    """configs/tiny_test.py on one device (the sharding tests ask for all 8 simulated devices)."""
+    c = load_config("tiny_test.py")
+    c.mesh.num_devices = 1
+    return apply_overrides(c, overrides)
 
 
 def losses(records, start=1):
