@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax
 
-from beta_clip_jax import sharding
+from beta_clip_jax import objective, sharding
 
 MODES = ("train", "eval")
 
@@ -61,9 +61,7 @@ def _check_config(config, device_count: int, process_count: int) -> None:
             "model.attention='cudnn' needs an NVIDIA GPU, but JAX's backend here is "
             f"{jax.default_backend()!r}; use 'auto' or 'xla'"
         )
-    scope = config.loss.get("cal_scope", "group")
-    if scope not in ("group", "global"):
-        raise ValueError(f"loss.cal_scope must be 'group' or 'global', got {scope!r}")
+    scope = objective.check_cal_scope(config.loss)
     # A global β-CAL takes its negatives from the whole micro-batch: no group size applies.
     if config.loss.name == "beta_clip" and scope == "group":
         group = int(config.loss.group_size)

@@ -20,6 +20,9 @@ LOG_SCALE_MAX = math.log(100.0)
 LOSS_NAMES = ("beta_clip", "clip", "siglip", "smartclip", "holistic")
 
 
+CAL_SCOPES = ("group", "global")  # loss.cal_scope, see default_loss_config
+
+
 def default_loss_config() -> ml_collections.ConfigDict:
     """The reference defaults (released β-CLIP scripts): CE, β 0.5, groups of 64, weights 1/1."""
     return ml_collections.ConfigDict(
@@ -37,7 +40,7 @@ def default_loss_config() -> ml_collections.ConfigDict:
             "cal_weight": 1.0,
             # > 0: β-CAL is off (weight 0) and the pooler's learning rate is 0 before this step,
             # so the run first trains plain CLIP and then fine-tunes it with β-CAL, as β-CLIP
-            # fine-tunes a pretrained CLIP (configs/demo.py).
+            # fine-tunes a pretrained CLIP (docs/demo.md has a run with it).
             "cal_start_step": 0,
             # name="smartclip" (methods/smartclip.py; needs model.method="smartclip").
             "smartclip": {"align_weight": 0.5, "sparse_weight": 0.1},
@@ -158,9 +161,7 @@ def training_loss(outputs, valid, loss_cfg, step=None):
 
     if name == "beta_clip":
         s_c = scale_from_log(outputs["pooler_logit_scale"])
-        scope = loss_cfg.get("cal_scope", "group")
-        if scope not in ("group", "global"):
-            raise ValueError(f"loss.cal_scope must be 'group' or 'global', got {scope!r}")
+        scope = check_cal_scope(loss_cfg)
         cal = global_cal.from_loss_config if scope == "global" else grouped_beta_cal
         loss_c, m_c = cal(outputs["pooled"], text, valid, s_c, loss_cfg)
         loss = loss + _cal_weight(loss_cfg, step) * loss_c
@@ -170,6 +171,14 @@ def training_loss(outputs, valid, loss_cfg, step=None):
 
     metrics["loss"] = loss
     return loss, metrics
+
+
+def check_cal_scope(loss_cfg) -> str:
+    """loss.cal_scope, or a ValueError naming the misspelt value."""
+    scope = loss_cfg.get("cal_scope", "group")
+    if scope not in CAL_SCOPES:
+        raise ValueError(f"loss.cal_scope must be one of {CAL_SCOPES}, got {scope!r}")
+    return scope
 
 
 def _cal_weight(loss_cfg, step):

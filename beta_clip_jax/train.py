@@ -92,9 +92,6 @@ def load_init_params(config, params_abs, model):
         params, _ = load_pretrained(spec, config.model)
     else:
         params, _, _ = checkpoint.load_params_from_workdir(spec)
-    if model.config.method != "smartclip":
-        # A SmartCLIP run's mask head is training-only; other methods start without it.
-        params = {k: v for k, v in params.items() if k != "smart_mask"}
     params = complete_params(params, model, jax.random.key(int(config.seed)))
     checkpoint.check_shapes(params, params_abs, f"init weights {spec}")
     return params

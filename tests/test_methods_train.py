@@ -138,6 +138,10 @@ def test_smartclip_outputs_completion_and_inference_strip():
     assert _leaves(stripped) == _leaves(params)
     same, same_cfg = inference_params(params, plain.config)
     assert same_cfg.to_dict() == plain.config.to_dict() and same.keys() == params.keys()
+    # A SmartCLIP tree as the start of another method: the mask head is left behind.
+    holistic_model = build_model(model_config("tiny", method="holistic", image_branches=3))
+    assert "smart_mask" not in complete_params(full, holistic_model)
+    assert _leaves(complete_params(full, plain)) == _leaves(params)
 
 
 def test_holistic_encoder_embeds_the_fused_branches():

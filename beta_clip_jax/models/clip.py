@@ -194,11 +194,14 @@ def complete_params(params: Mapping, model: BetaCLIP, rng: jax.Array | None = No
     start all-ones); Holistic "cls" branch tokens as copies of the pretrained class token and its
     position row (branches then differ only by their captions); Holistic "mlp" branched blocks
     as the pretrained blocks with fc2 tiled K times (the same model run K times). Everything
-    already of the right shape is kept. A default-method model gets `params` back unchanged.
+    already of the right shape is kept. SmartCLIP's mask head (training-only) is dropped when
+    `model` is of another method. A default-method model gets plain `params` back unchanged.
     """
     c = model.config
     want = param_shapes(model)
     out = jax.tree.map(np.asarray, dict(params))
+    if c.method != "smartclip":
+        out.pop("smart_mask", None)
     if c.method == "smartclip" and "smart_mask" not in out:
         rng = jax.random.key(0) if rng is None else rng
         out["smart_mask"] = _init_mask_head(c, rng)

@@ -35,7 +35,7 @@ OPTION_DEFAULTS = {
     # (NVIDIA GPUs only, bfloat16 compute; cuDNN's fused flash attention).
     "attention": "auto",
     # Pooler value/output projections at init: "reference" (PyTorch MHA defaults) or "identity"
-    # (pooled view = attention-weighted mean of the patch tokens; configs/demo.py, from scratch).
+    # (pooled view = attention-weighted mean of the patch tokens; tried in docs/demo.md).
     "pooler_value_init": "reference",
     "frozen_positions": 20,  # leading text positions kept fixed (Long-CLIP stretching)
     # Which method's training outputs the model adds (docs/methods.md):
@@ -79,6 +79,7 @@ ALL_FIELDS = ("variant",) + SHAPE_FIELDS + tuple(OPTION_DEFAULTS)
 _DTYPES = ("float32", "bfloat16")
 _REMAT = ("none", "full", "dots")
 ATTENTION = ("auto", "xla", "cudnn")
+POOLER_VALUE_INITS = ("reference", "identity")
 
 
 def _unknown_variant(name: str) -> ValueError:
@@ -131,8 +132,8 @@ def _validate(c: ml_collections.ConfigDict) -> None:
         errors.append(f"dtype={c.dtype!r} (allowed {_DTYPES})")
     if c.remat not in _REMAT:
         errors.append(f"remat={c.remat!r} (allowed {_REMAT})")
-    if c.pooler_value_init not in ("reference", "identity"):
-        errors.append(f"pooler_value_init={c.pooler_value_init!r} (allowed reference, identity)")
+    if c.pooler_value_init not in POOLER_VALUE_INITS:
+        errors.append(f"pooler_value_init={c.pooler_value_init!r} (allowed {POOLER_VALUE_INITS})")
     if c.attention not in ATTENTION:
         errors.append(f"attention={c.attention!r} (allowed {ATTENTION})")
     elif c.attention == "cudnn" and c.dtype != "bfloat16":
