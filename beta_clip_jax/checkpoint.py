@@ -23,6 +23,10 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
+    # Orbax refuses relative paths; a relative local workdir means one under the current
+    # directory (`--workdir=runs/demo`). Remote paths (gs://...) are absolute already.
+    if "://" not in str(workdir):
+        workdir = os.path.abspath(workdir)
     return epath.Path(workdir) / CHECKPOINT_DIR
 
 

@@ -28,6 +28,15 @@ def test_one_step_writes_workdir_contract(tmp_path):
     assert checkpoint.has_checkpoint(str(tmp_path))
 
 
+def test_relative_workdir(tmp_path, monkeypatch):
+    """`--workdir=runs/demo` (the README's command) is relative to the current directory."""
+    monkeypatch.chdir(tmp_path)
+    train_and_evaluate(tiny_config(stop_at_step=1), "runs/demo")
+    assert checkpoint.has_checkpoint(str(tmp_path / "runs" / "demo"))
+    params, _, step = checkpoint.load_params_from_workdir("runs/demo")
+    assert step == 1 and "pooler" in params
+
+
 @pytest.mark.parametrize("mesh", [{"mesh.fsdp": 1}, {"mesh.fsdp": 4}], ids=["dp", "fsdp"])
 def test_eight_devices_match_one_device(tmp_path, mesh):
     assert jax.device_count() == 8
