@@ -75,6 +75,19 @@ def _check_config(config, device_count: int, process_count: int) -> None:
     check_paths(config)
     if config.mode == "train" and total_steps(config) <= 0:
         raise ValueError("num_steps (or num_epochs) must give at least one step")
+    if config.mode == "train" and config.loss.name == "beta_clip":
+        _check_cal_start(int(config.loss.get("cal_start_step", 0) or 0), total_steps(config))
+
+
+def _check_cal_start(start: int, steps: int) -> None:
+    """β-CAL switched on at or after the last step would silently train plain CLIP."""
+    if start < 0:
+        raise ValueError(f"loss.cal_start_step must be >= 0, got {start}")
+    if start >= steps:
+        raise ValueError(
+            f"loss.cal_start_step {start} is not before the run's last step ({steps} steps): "
+            "β-CAL would never be trained; lower it or raise num_steps"
+        )
 
 
 PATH_FIELD_NAMES = ("path", "image_root", "annotations", "root")

@@ -83,12 +83,15 @@ def write_curves(workdir: str, out: str, title: str = "") -> str:
 
 
 def run_label(config: dict) -> str:
-    """'clip' or 'beta_clip ce beta=0.5': what the comparison groups runs by."""
+    """'clip', 'beta_clip ce beta=0.5' or, when β-CAL starts late, 'beta_clip ce beta=0.5
+    cal_start=500': what the comparison groups runs by."""
     loss = config.get("loss", {})
     name = loss.get("name", "beta_clip")
-    if name == "beta_clip":
-        return f"beta_clip {loss.get('mode', 'ce')} beta={loss.get('beta')}"
-    return str(name)
+    if name != "beta_clip":
+        return str(name)
+    label = f"beta_clip {loss.get('mode', 'ce')} beta={loss.get('beta')}"
+    start = int(loss.get("cal_start_step") or 0)
+    return f"{label} cal_start={start}" if start > 0 else label
 
 
 def demo_scene(config: dict, index: int = 0) -> dict:

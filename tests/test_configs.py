@@ -92,3 +92,20 @@ def test_variant_override_changes_every_shape():
     config.model.variant = "L/14"
     resolved = resolve_config(config)
     assert resolved.model.vision_width == 1024 and resolved.model.patch_size == 14
+
+
+def test_cal_start_step_after_the_last_step_is_named():
+    """β-CAL switched on at or after the last step would silently train plain CLIP."""
+    from train_helpers import tiny_config
+
+    config = resolve_config(tiny_config(num_steps=10, **{"loss.cal_start_step": 10}))
+    with pytest.raises(ConfigError, match="cal_start_step 10 .*10 steps"):
+        check_config(config, device_count=1, process_count=1)
+    config.loss.cal_start_step = -1
+    with pytest.raises(ConfigError, match="cal_start_step must be >= 0"):
+        check_config(config, device_count=1, process_count=1)
+    config.loss.cal_start_step = 9
+    check_config(config, device_count=1, process_count=1)
+    config.loss.name = "clip"  # plain CLIP never runs β-CAL: nothing to check
+    config.loss.cal_start_step = 10
+    check_config(config, device_count=1, process_count=1)

@@ -42,6 +42,27 @@ def test_config_methods():
         demo_config("siglip")
 
 
+def test_beta_cal_fine_tunes_the_clip_of_the_first_half():
+    """ce/bce are the clip run with β-CAL switched on halfway, wherever num_steps is set."""
+    clip, ce = load_config("demo.py", "clip"), load_config("demo.py", "ce")
+    assert (clip.loss.cal_start_step, ce.loss.cal_start_step) == (0, ce.num_steps // 2)
+    ce.num_steps = 300  # what --config.num_steps=300 does
+    assert ce.loss.cal_start_step == 150
+    assert json.loads(ce.to_json())["loss"]["cal_start_step"] == 150  # what config.json records
+    ce.num_steps = clip.num_steps
+    flat_clip, flat_ce = dict(_flatten(clip.to_dict())), dict(_flatten(ce.to_dict()))
+    differ = sorted(k for k in flat_clip if flat_clip[k] != flat_ce[k])
+    assert differ == ["loss.cal_start_step", "loss.name"], differ
+
+
+def _flatten(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
@@ -64,7 +85,8 @@ def test_demo_writes_metrics_table_and_plots(runs):
         assert 0.0 <= final[f"eval/synthetic/{metric}"] <= 100.0
     # The run ends by printing the final table and writing the two PNGs into its workdir.
     table = plots.final_table(workdir)
-    assert "beta_clip ce beta=0.5, step 2" in table and "box_hard=" in table
+    # The demo's β-CAL starts halfway (loss.cal_start_step follows num_steps), named in the table.
+    assert "beta_clip ce beta=0.5 cal_start=1, step 2" in table and "box_hard=" in table
     assert table in printed["ce"]
     for name in ("curves.png", "heatmap.png"):
         assert_png(pathlib.Path(workdir) / name)
@@ -77,7 +99,7 @@ def test_compare_two_methods(runs, tmp_path, capsys):
     compare.main([f"--workdirs={workdirs['clip']},{workdirs['ce']}", f"--out={out}"])
     text = capsys.readouterr().out
     header = text.splitlines()[0]
-    assert "clip (n=1)" in header and "beta_clip ce beta=0.5 (n=1)" in header
+    assert "clip (n=1)" in header and "beta_clip ce beta=0.5 cal_start=1 (n=1)" in header
     assert header.index("clip (n=1)") < header.index("beta_clip")  # order of --workdirs
     assert any(line.startswith("synthetic/box_hard") for line in text.splitlines())
     assert_png(out)
