@@ -1,4 +1,4 @@
-"""Demo: beta-CLIP vs plain CLIP on the synthetic scenes, from random weights (4-7 min, 2 CPUs).
+"""Demo: beta-CLIP vs plain CLIP on the synthetic scenes, from random weights (4-8 min, 2 CPUs).
 
     python -m beta_clip_jax.main --config=configs/demo.py:ce --workdir=runs/ce
     python -m beta_clip_jax.main --config=configs/demo.py:clip --workdir=runs/clip

@@ -49,6 +49,10 @@ def test_beta_cal_fine_tunes_the_clip_of_the_first_half():
     ce.num_steps = 300  # what --config.num_steps=300 does
     assert ce.loss.cal_start_step == 150
     assert json.loads(ce.to_json())["loss"]["cal_start_step"] == 150  # what config.json records
+    scratch = load_config("demo.py", "ce")
+    scratch.loss.cal_start_step = 0  # β-CAL from the first step: an override stays put
+    scratch.num_steps = 200
+    assert scratch.loss.cal_start_step == 0
     ce.num_steps = clip.num_steps
     flat_clip, flat_ce = dict(_flatten(clip.to_dict())), dict(_flatten(ce.to_dict()))
     differ = sorted(k for k in flat_clip if flat_clip[k] != flat_ce[k])
