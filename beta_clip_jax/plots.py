@@ -75,11 +75,26 @@ def write_curves(workdir: str, out: str, title: str = "") -> str:
     bottom.set_ylabel(f"eval/{dataset or '-'} (%)")
     bottom.set_xlabel("step")
     bottom.grid(alpha=0.3)
+    start = cal_start_step(config)
+    if start:  # before it loss_cal is logged but not trained (weight 0, pooler frozen)
+        for ax in (top, bottom):
+            ax.axvline(start, color="grey", linestyle="--", linewidth=1)
+        top.annotate(
+            " β-CAL on", (start, 1.0), xycoords=("data", "axes fraction"), va="top", fontsize=8
+        )
     fig.suptitle(title or run_label(config), fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def cal_start_step(config: dict) -> int:
+    """The step at which a β-CLIP run switches β-CAL on (0: from the start, or not β-CLIP)."""
+    loss = config.get("loss", {})
+    if loss.get("name", "beta_clip") != "beta_clip":
+        return 0
+    return int(loss.get("cal_start_step") or 0)
 
 
 def run_label(config: dict) -> str:
@@ -90,7 +105,7 @@ def run_label(config: dict) -> str:
     if name != "beta_clip":
         return str(name)
     label = f"beta_clip {loss.get('mode', 'ce')} beta={loss.get('beta')}"
-    start = int(loss.get("cal_start_step") or 0)
+    start = cal_start_step(config)
     return f"{label} cal_start={start}" if start > 0 else label
 
 

@@ -147,3 +147,12 @@ def test_compare_warns_about_settings_that_differ_within_a_group(tmp_path):
     ]
     table = compare.format_comparison(groups)
     assert "warning: these runs also differ in model.pooler_value_init" in table
+
+
+def test_cal_start_step_is_read_for_beta_clip_runs_only():
+    late = {"loss": {"name": "beta_clip", "mode": "ce", "beta": 0.5, "cal_start_step": 500}}
+    assert plots.cal_start_step(late) == 500
+    assert plots.run_label(late) == "beta_clip ce beta=0.5 cal_start=500"
+    late["loss"]["name"] = "clip"  # a field left over in a CLIP run's config switches nothing
+    assert plots.cal_start_step(late) == 0 and plots.run_label(late) == "clip"
+    assert plots.cal_start_step({"loss": {"name": "beta_clip"}}) == 0
