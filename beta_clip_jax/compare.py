@@ -30,6 +30,7 @@ MAIN_METRICS = (
     "i2t_r1",
     "tci_t2i_r1",
     "tci_i2t_r1",
+    "pooler_box_attention",
 )
 SKIPPED = ("num_images",)
 
@@ -140,6 +141,11 @@ def format_comparison(groups: dict[str, list[dict]], everything: bool = False) -
         lines.append(
             f"{TCI_PREFIX}*: text-conditioned pooling, not a dual-encoder score "
             "(untrained pooler in runs without beta-CAL)"
+        )
+    if any(r[0].endswith("/pooler_box_attention") for r in rows):
+        lines.append(
+            "pooler_box_attention: % of the pooler's attention a box's text puts inside that box "
+            "(uniform attention: the box's share of the patches)"
         )
     lines.append(
         f"final evaluation at step {', '.join(map(str, steps))}; mean ± sample std over runs"

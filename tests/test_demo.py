@@ -106,6 +106,10 @@ def test_compare_two_methods(runs, tmp_path, capsys):
     assert "clip (n=1)" in header and "beta_clip ce beta=0.5 cal_start=1 (n=1)" in header
     assert header.index("clip (n=1)") < header.index("beta_clip")  # order of --workdirs
     assert any(line.startswith("synthetic/box_hard") for line in text.splitlines())
+    # The real encoder has a pooler: the share of its attention inside the box, explained.
+    (row,) = [line for line in text.splitlines() if line.startswith("synthetic/pooler_box_")]
+    assert all(0.0 <= float(v) <= 100.0 for v in row.split()[1:] if v != "±")
+    assert "pooler_box_attention: % of the pooler's attention" in text
     assert_png(out)
 
 

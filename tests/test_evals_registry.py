@@ -7,7 +7,11 @@ from test_evals_datasets import make_urban1k
 from test_evals_fakes import ColourFake, IdFake, quadrant_image
 
 from beta_clip_jax.evals import registry
-from beta_clip_jax.evals.synthetic_eval import SyntheticEvaluator, synthetic_scores
+from beta_clip_jax.evals.synthetic_eval import (
+    SyntheticEvaluator,
+    box_patch_mask,
+    synthetic_scores,
+)
 
 
 def test_build_from_config_dict_and_run(tmp_path):
@@ -83,6 +87,48 @@ def test_synthetic_scores_hand_computed():
         assert out[key] == pytest.approx(100.0), key
     assert out["box_hard"] == pytest.approx(200 / 3)  # the blue box called "red" loses to "blue"
     assert out["num_images"] == 2
+
+
+class AttentionFake(ColourFake):
+    """ColourFake with a pooler: head 0 attends uniformly to the 4x4 patches whose colour is the
+    text's colour word, head 1 uniformly to all 16."""
+
+    def attention(self, images, texts):
+        grid = self.dense_features(images)  # [N, 4, 4, 3] mean colour per patch
+        names = ["red", "green", "blue"]  # RGB channel order
+        out = np.full((len(texts), 2, 16), 1.0 / 16, np.float32)
+        for n, text in enumerate(texts):
+            match = (grid[n].argmax(-1) == names.index(text.split()[0])).reshape(-1)
+            out[n, 0] = match / max(match.sum(), 1)
+        return out
+
+
+def test_pooler_box_attention_share_hand_computed():
+    """Image a: red at top left and bottom right; its two 8x8 boxes (4 of 16 patches each) are
+    named "red". Head 0 puts half its mass in the top-left box and none in the top-right one;
+    head 1 puts 4/16 in each. Image b's box is the whole image. Mean over heads, then boxes:
+    ((50 + 25) / 2 + (0 + 25) / 2 + 100) / 3 = 50 %."""
+    a = quadrant_image("red", "blue", "green", "red", 16, 16)
+    b = quadrant_image("blue", "blue", "blue", "blue", 16, 16)
+    records = [
+        _record(a, "red", ["blue"], [[0, 0, 8, 8], [8, 0, 8, 8]], ["red", "red"], {}),
+        _record(b, "blue", ["red"], [[0, 0, 16, 16]], ["blue"], {}),
+    ]
+    out = synthetic_scores(AttentionFake(), records, batch_size=2, tci=True)
+    assert out["pooler_box_attention"] == pytest.approx(50.0)
+    assert "pooler_box_attention" not in synthetic_scores(AttentionFake(), records, 2, tci=False)
+    assert "pooler_box_attention" not in synthetic_scores(ColourFake(), records, 2, tci=True)
+
+
+def test_box_patch_mask_maps_pixels_to_the_grid():
+    # 4x4 grid on a 32 (high) x 64 (wide) image: patch centres at x = 8, 24, 40, 56; y = 4, 12, ...
+    mask = box_patch_mask((20, 0, 30, 14), (32, 64), 4)
+    assert (
+        mask.tolist()
+        == [[False, True, True, False], [False, True, True, False]] + [[False] * 4] * 2
+    )
+    tiny = box_patch_mask((30, 17, 2, 2), (32, 64), 4)  # holds no centre: the patch under it
+    assert np.argwhere(tiny).tolist() == [[2, 1]]
 
 
 def test_synthetic_evaluator_on_synthetic_scenes():

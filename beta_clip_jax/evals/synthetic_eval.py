@@ -3,7 +3,11 @@
 On the SyntheticScenes eval split it reports
 * long-caption retrieval, caption vs image (t2i_r1/5/10, i2t_r1/5/10; tci_* with `tci`);
 * caption_neg_acc: the image prefers its true caption over its attribute-swapped captions;
-* box_<difficulty>: FG-OVD-style box scoring of each box's text vs its negatives.
+* box_<difficulty>: FG-OVD-style box scoring of each box's text vs its negatives;
+* pooler_box_attention (with `tci`, for encoders with a pooler): the share of the pooler's
+  attention that a box's text puts on the patches inside that box, in %. It tells whether
+  text-conditioned pooling looks at the object it names (docs/demo.md: from scratch, β-CAL can
+  learn from other tokens, and its box scores suffer).
 Both accuracies use the FG-OVD hit rule (positive at the row max, ties included). This is how the
 project measures beta-CLIP against plain CLIP fine-tuning on fine-grained negatives.
 """
@@ -25,6 +29,7 @@ from beta_clip_jax.evals.base import (
     unique_texts,
 )
 from beta_clip_jax.evals.fgovd import box_text_scores
+from beta_clip_jax.evals.gather import sharded_map
 from beta_clip_jax.evals.metrics import fgovd_accuracy, retrieval_recall
 from beta_clip_jax.evals.retrieval import TCI_PREFIX
 
@@ -43,7 +48,8 @@ def synthetic_scores(encoder, records: list, batch_size: int, *, tci: bool) -> d
     """All synthetic metrics for in-memory records (image, caption, boxes, box_texts, negatives)."""
     images = [np.asarray(_get(r, "image")) for r in records]
     captions = [_get(r, "caption") for r in records]
-    load = image_batches(images, encoder.image_size, "crop")
+    # Squashed to the model's size as for the box scores, so a box maps by scaling alone.
+    load = image_batches(images, encoder.image_size, "squash")
     image_emb = embed_images(encoder, load, len(images), batch_size)
     caption_lists = [
         [c] + _as_list(_get(r, "caption_negatives")) for r, c in zip(records, captions, strict=True)
@@ -69,6 +75,10 @@ def synthetic_scores(encoder, records: list, batch_size: int, *, tci: bool) -> d
             owners.append(n)
             boxes.append(tuple(float(v) for v in box))
             positives.append(text)
+    if boxes and tci and hasattr(encoder, "attention"):
+        results["pooler_box_attention"] = box_attention_share(
+            encoder, images, owners, boxes, positives, batch_size
+        )
     if boxes:
         difficulties = sorted({d for r in records for d in _get(r, "negatives")})
         for d in difficulties:
@@ -93,6 +103,44 @@ def synthetic_scores(encoder, records: list, batch_size: int, *, tci: bool) -> d
             )
             results[f"box_{d}"] = fgovd_accuracy(scores, valid)
     return results
+
+
+def box_patch_mask(box: tuple, image_hw: tuple[int, int], grid: int) -> np.ndarray:
+    """bool [grid, grid]: the patches whose centres lie inside the (x, y, w, h) pixel box; a box
+    too small to hold a centre gets the patch under its own centre."""
+    height, width = image_hw
+    x, y, w, h = box
+    cx = (np.arange(grid) + 0.5) * width / grid
+    cy = (np.arange(grid) + 0.5) * height / grid
+    mask = np.outer((cy >= y) & (cy <= y + h), (cx >= x) & (cx <= x + w))
+    if not mask.any():
+        row = min(int((y + h / 2) * grid / height), grid - 1)
+        col = min(int((x + w / 2) * grid / width), grid - 1)
+        mask[row, col] = True
+    return mask
+
+
+def box_attention_share(encoder, images, owners, boxes, texts, batch_size: int) -> float:
+    """Mean % of the pooler's attention (averaged over heads) that each box's text puts on the
+    patches of its own box (box_patch_mask). Uniform attention scores the box's patch share."""
+    # Squashed to the model's size as for the box scores, so a box maps by scaling alone.
+    load = image_batches(images, encoder.image_size, "squash")
+
+    def compute(indices: np.ndarray) -> np.ndarray:
+        attn = np.asarray(
+            encoder.attention(
+                load(np.asarray([owners[i] for i in indices])), [texts[i] for i in indices]
+            ),
+            np.float32,
+        ).mean(axis=1)  # [b, P]
+        grid = int(round(attn.shape[-1] ** 0.5))
+        shares = []
+        for row, i in zip(attn, indices, strict=True):
+            mask = box_patch_mask(boxes[i], np.asarray(images[owners[i]]).shape[:2], grid)
+            shares.append(row.reshape(grid, grid)[mask].sum() / max(row.sum(), 1e-12))
+        return np.asarray(shares)
+
+    return float(100.0 * sharded_map(compute, len(boxes), batch_size).mean())
 
 
 class SyntheticEvaluator(Evaluator):
