@@ -25,6 +25,7 @@ MAIN_METRICS = (
     "box_binding",
     "box_medium",
     "box_easy",
+    "box_pointing",
     "caption_neg_acc",
     "t2i_r1",
     "i2t_r1",

@@ -116,6 +116,10 @@ def test_pooler_box_attention_share_hand_computed():
     ]
     out = synthetic_scores(AttentionFake(), records, batch_size=2, tci=True)
     assert out["pooler_box_attention"] == pytest.approx(50.0)
+    # Pointing game on the dense colours: "red" points at the first red patch, the top-left one
+    # (ties go to the first patch): a hit for the top-left box, a miss for the top-right one;
+    # "blue" on the all-blue image is a hit.
+    assert out["box_pointing"] == pytest.approx(200 / 3)
     assert "pooler_box_attention" not in synthetic_scores(AttentionFake(), records, 2, tci=False)
     assert "pooler_box_attention" not in synthetic_scores(ColourFake(), records, 2, tci=True)
 

@@ -4,6 +4,9 @@ On the SyntheticScenes eval split it reports
 * long-caption retrieval, caption vs image (t2i_r1/5/10, i2t_r1/5/10; tci_* with `tci`);
 * caption_neg_acc: the image prefers its true caption over its attribute-swapped captions;
 * box_<difficulty>: FG-OVD-style box scoring of each box's text vs its negatives;
+* box_pointing: the pointing game on the dense features: a box's text hits when its most
+  similar patch lies in the box (box_patch_mask). Are the object's own tokens the ones that match
+  its text? The box scores assume they are;
 * pooler_box_attention (with `tci`, for encoders with a pooler): the share of the pooler's
   attention that a box's text puts on the patches inside that box, in %. It tells whether
   text-conditioned pooling looks at the object it names (docs/demo.md: from scratch, β-CAL can
@@ -25,6 +28,7 @@ from beta_clip_jax.evals.base import (
     embed_images,
     embed_texts,
     image_batches,
+    l2_normalize,
     scores_per_item,
     unique_texts,
 )
@@ -75,6 +79,10 @@ def synthetic_scores(encoder, records: list, batch_size: int, *, tci: bool) -> d
             owners.append(n)
             boxes.append(tuple(float(v) for v in box))
             positives.append(text)
+    if boxes:
+        results["box_pointing"] = pointing_accuracy(
+            encoder, images, owners, boxes, embed_texts(encoder, positives, batch_size), batch_size
+        )
     if boxes and tci and hasattr(encoder, "attention"):
         results["pooler_box_attention"] = box_attention_share(
             encoder, images, owners, boxes, positives, batch_size
@@ -118,6 +126,18 @@ def box_patch_mask(box: tuple, image_hw: tuple[int, int], grid: int) -> np.ndarr
         col = min(int((x + w / 2) * grid / width), grid - 1)
         mask[row, col] = True
     return mask
+
+
+def pointing_accuracy(encoder, images, owners, boxes, box_text_emb, batch_size: int) -> float:
+    """% of boxes whose text's most similar patch (cosine on the dense grid) is in the box."""
+    load = image_batches(images, encoder.image_size, "squash")  # as for the box scores
+    grids = sharded_map(lambda idx: encoder.dense_features(load(idx)), len(images), batch_size)
+    hits = []
+    for owner, box, text in zip(owners, boxes, box_text_emb, strict=True):
+        patches = l2_normalize(grids[owner].reshape(-1, grids.shape[-1]))
+        mask = box_patch_mask(box, np.asarray(images[owner]).shape[:2], grids.shape[1])
+        hits.append(mask.reshape(-1)[int(np.argmax(patches @ text))])
+    return float(100.0 * np.mean(hits))
 
 
 def box_attention_share(encoder, images, owners, boxes, texts, batch_size: int) -> float:
