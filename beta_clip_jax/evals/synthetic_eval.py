@@ -52,8 +52,7 @@ def synthetic_scores(encoder, records: list, batch_size: int, *, tci: bool) -> d
     """All synthetic metrics for in-memory records (image, caption, boxes, box_texts, negatives)."""
     images = [np.asarray(_get(r, "image")) for r in records]
     captions = [_get(r, "caption") for r in records]
-    # Squashed to the model's size as for the box scores, so a box maps by scaling alone.
-    load = image_batches(images, encoder.image_size, "squash")
+    load = image_batches(images, encoder.image_size, "crop")
     image_emb = embed_images(encoder, load, len(images), batch_size)
     caption_lists = [
         [c] + _as_list(_get(r, "caption_negatives")) for r, c in zip(records, captions, strict=True)
