@@ -82,11 +82,10 @@ def synthetic_scores(encoder, records: list, batch_size: int, *, tci: bool) -> d
         results["box_pointing"] = pointing_accuracy(
             encoder, images, owners, boxes, embed_texts(encoder, positives, batch_size), batch_size
         )
-    if boxes and tci and hasattr(encoder, "attention"):
-        results["pooler_box_attention"] = box_attention_share(
-            encoder, images, owners, boxes, positives, batch_size
-        )
-    if boxes:
+        if tci and hasattr(encoder, "attention"):
+            results["pooler_box_attention"] = box_attention_share(
+                encoder, images, owners, boxes, positives, batch_size
+            )
         difficulties = sorted({d for r in records for d in _get(r, "negatives")})
         for d in difficulties:
             text_lists, keep = [], []
