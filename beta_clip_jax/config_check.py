@@ -76,7 +76,7 @@ def _check_config(config, device_count: int, process_count: int) -> None:
     if config.mode == "train" and total_steps(config) <= 0:
         raise ValueError("num_steps (or num_epochs) must give at least one step")
     if config.mode == "train" and config.loss.name == "beta_clip":
-        _check_cal_start(int(config.loss.get("cal_start_step", 0) or 0), total_steps(config))
+        _check_cal_start(objective.cal_start_step(config.loss), total_steps(config))
 
 
 def _check_cal_start(start: int, steps: int) -> None:

@@ -181,8 +181,14 @@ def check_cal_scope(loss_cfg) -> str:
     return scope
 
 
+def cal_start_step(loss_cfg) -> int:
+    """loss.cal_start_step: the step from which β-CAL is trained (0, the default: from the start).
+    Reads a ConfigDict or a config.json dict alike."""
+    return int(loss_cfg.get("cal_start_step", 0) or 0)
+
+
 def _cal_weight(loss_cfg, step):
-    start = int(loss_cfg.get("cal_start_step", 0) or 0)
+    start = cal_start_step(loss_cfg)
     if start <= 0:
         return loss_cfg.cal_weight
     if step is None:

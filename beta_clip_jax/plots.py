@@ -18,6 +18,7 @@ import sys
 
 from etils import epath
 
+from beta_clip_jax import objective
 from beta_clip_jax.metrics_writer import read_metrics
 
 # Curves drawn in the lower panel, when the run logged them (eval/<dataset>/<metric>).
@@ -94,7 +95,7 @@ def cal_start_step(config: dict) -> int:
     loss = config.get("loss", {})
     if loss.get("name", "beta_clip") != "beta_clip":
         return 0
-    return int(loss.get("cal_start_step") or 0)
+    return objective.cal_start_step(loss)
 
 
 def run_label(config: dict) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from beta_clip_jax import checkpoint, sharding
+from beta_clip_jax import checkpoint, objective, sharding
 from beta_clip_jax import step as step_lib
 from beta_clip_jax.config_check import check_config, resolve_config, total_steps
 from beta_clip_jax.data import pipeline
@@ -152,7 +152,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         config.optim,
         num_steps,
         int(config.model.frozen_positions),
-        pooler_start_step=int(config.loss.get("cal_start_step", 0) or 0),
+        pooler_start_step=objective.cal_start_step(config.loss),
     )
     evaluators = _build_evaluators(config)
     _setup_workdir(config, workdir)
