@@ -54,17 +54,9 @@ def test_beta_cal_fine_tunes_the_clip_of_the_first_half():
     scratch.num_steps = 200
     assert scratch.loss.cal_start_step == 0
     ce.num_steps = clip.num_steps
-    flat_clip, flat_ce = dict(_flatten(clip.to_dict())), dict(_flatten(ce.to_dict()))
-    differ = sorted(k for k in flat_clip if flat_clip[k] != flat_ce[k])
+    runs = [{"config": json.loads(c.to_json())} for c in (clip, ce)]  # as config.json holds them
+    differ = compare.differing_fields(runs)
     assert differ == ["loss.cal_start_step", "loss.name"], differ
-
-
-def _flatten(tree, prefix=""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 @pytest.fixture(scope="module")
