@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax
 
-from beta_clip_jax import objective, sharding
+from beta_clip_jax import losses, objective, sharding
 
 MODES = ("train", "eval")
 
@@ -62,6 +62,11 @@ def _check_config(config, device_count: int, process_count: int) -> None:
             f"{jax.default_backend()!r}; use 'auto' or 'xla'"
         )
     scope = objective.check_cal_scope(config.loss)
+    gradient = config.loss.get("global_gradient", "full")
+    if gradient not in losses.GLOBAL_GRADIENTS:
+        raise ValueError(
+            f"loss.global_gradient must be one of {losses.GLOBAL_GRADIENTS}, got {gradient!r}"
+        )
     # A global β-CAL takes its negatives from the whole micro-batch: no group size applies.
     if config.loss.name == "beta_clip" and scope == "group":
         group = int(config.loss.group_size)

@@ -133,21 +133,36 @@ def _pair_metrics(logits, cos, scale):
     }
 
 
-def clip_loss(image, text, logit_scale):
+GLOBAL_GRADIENTS = ("full", "local")
+
+
+def clip_loss(image, text, logit_scale, *, gradient="full"):
     """Symmetric InfoNCE between image [B, D] and text [B, D], pair b being (image b, text b).
 
-    `logit_scale` is the multiplier s (not its log). Returns (loss, metrics) with acc_i2t,
-    acc_t2i, pos_sim, neg_sim and scale.
+    `logit_scale` is the multiplier s (not its log). `gradient`:
+      "full": every logit is differentiated in both its row and its column embedding;
+      "local": each row's own embedding is differentiated, its columns are a constant copy
+        (logits s·I·sg(T)ᵀ and s·T·sg(I)ᵀ). This is the gradient of the reference's multi-GPU
+        loss, whose columns come from an all_gather that carries no gradient: each embedding
+        learns only as the query of its own row. The loss value is the same in both.
+    Returns (loss, metrics) with acc_i2t, acc_t2i, pos_sim, neg_sim and scale.
     """
     if image.ndim != 2 or image.shape != text.shape:
         raise ValueError(f"clip_loss wants image, text [B,D]; got {image.shape}, {text.shape}")
+    if gradient not in GLOBAL_GRADIENTS:
+        raise ValueError(f"clip_loss gradient must be one of {GLOBAL_GRADIENTS}, got {gradient!r}")
     dt = _compute_dtype(image, text)
     scale = jnp.asarray(logit_scale, dt)
-    cos = _normalize(image, dt) @ _normalize(text, dt).T
+    img, txt = _normalize(image, dt), _normalize(text, dt)
+    cos = img @ txt.T
     logits = scale * cos
-    diag = jnp.diagonal(logits)
-    loss_it = (jax.nn.logsumexp(logits, axis=1) - diag).mean()
-    loss_ti = (jax.nn.logsumexp(logits, axis=0) - diag).mean()
+    if gradient == "full":
+        rows_i2t, rows_t2i = logits, logits.T
+    else:
+        sg = jax.lax.stop_gradient
+        rows_i2t, rows_t2i = scale * (img @ sg(txt).T), scale * (txt @ sg(img).T)
+    loss_it = (jax.nn.logsumexp(rows_i2t, axis=1) - jnp.diagonal(rows_i2t)).mean()
+    loss_ti = (jax.nn.logsumexp(rows_t2i, axis=1) - jnp.diagonal(rows_t2i)).mean()
     return 0.5 * (loss_it + loss_ti), _pair_metrics(logits, cos, scale)
 
 

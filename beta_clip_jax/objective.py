@@ -37,6 +37,10 @@ def default_loss_config() -> ml_collections.ConfigDict:
             # "global": from the whole (micro-)batch, blockwise across devices (global_cal.py).
             "cal_scope": "group",
             "global_weight": 1.0,
+            # Gradient of the global CLS<->caption InfoNCE: "full" (every logit in both its row
+            # and its column; the reference's 1-GPU scripts) or "local" (rows live, columns a
+            # constant copy: the reference's multi-GPU all_gather carries no gradient).
+            "global_gradient": "full",
             "cal_weight": 1.0,
             # > 0: β-CAL is off (weight 0) and the pooler's learning rate is 0 before this step,
             # so the run first trains plain CLIP and then fine-tunes it with β-CAL, as β-CLIP
@@ -150,7 +154,8 @@ def training_loss(outputs, valid, loss_cfg, step=None):
             raise ValueError("loss.name='siglip' needs a 'logit_bias' parameter in the model")
         loss_g, m_g = losses.siglip_loss(image, caption, s_g, outputs["logit_bias"])
     else:
-        loss_g, m_g = losses.clip_loss(image, caption, s_g)
+        gradient = loss_cfg.get("global_gradient", "full")
+        loss_g, m_g = losses.clip_loss(image, caption, s_g, gradient=gradient)
     loss = loss_cfg.global_weight * loss_g
     metrics["loss_global"] = loss_g
     metrics.update({f"global/{key}": val for key, val in m_g.items()})
