@@ -123,7 +123,9 @@ def make_karpathy(tmp_path, name, with_filepath):
 def test_karpathy_five_captions_per_image(tmp_path, kind):
     name = "dataset_coco.json" if kind == "coco" else "dataset_flickr30k.json"
     make_karpathy(tmp_path, name, with_filepath=kind == "coco")
-    ev = RetrievalEvaluator(kind, {"kind": kind, "root": str(tmp_path), "batch_size": 4})
+    protocol = "karpathy" if kind == "coco" else "karpathy_1k"  # coco defaults to val2017
+    cfg = {"kind": kind, "protocol": protocol, "root": str(tmp_path), "batch_size": 4}
+    ev = RetrievalEvaluator(kind, cfg)
     assert len(ev.data.image_paths) == 3 and len(ev.data.captions) == 15  # split test, first 5
     assert ev.data.text_to_image.tolist() == [i for i in range(3) for _ in range(5)]
     assert not ev.tci

@@ -1,4 +1,4 @@
-"""Readers for the benchmarks' own on-disk layouts (spec/evals.md section 2).
+"""Readers for the benchmarks' own on-disk layouts (docs/evals.md says which protocol each is).
 
 Each reader returns a manifest (paths and texts, no pixels), so a bad path fails fast, before any
 compile, with a message naming what was expected where. Images are read later, per batch.
@@ -123,7 +123,7 @@ def read_urban1k(root: str) -> RetrievalSet:
     if not captions:
         raise FileNotFoundError(f"Urban1k: no caption .txt files in {caption_dir}")
     empty = [os.path.basename(p) for p, c in zip(images, captions, strict=True) if not c]
-    if empty:  # evals.md 2.1: one known pair may have a blank first line; it caps R@1 below 100
+    if empty:  # one known pair may have a blank first line; it caps R@1 below 100
         logging.warning("Urban1k: %d empty first-line captions, e.g. for %s", len(empty), empty[:3])
     return one_to_one(images, captions)
 
@@ -193,16 +193,33 @@ def read_dci(
     return one_to_one(images, captions)
 
 
+COCO_HINT = (
+    "Get the 2017 Val images (val2017.zip) and the 2017 Train/Val annotations "
+    "(annotations_trainval2017.zip) from cocodataset.org."
+)
+FLICKR_TOKEN_FILE = "results_20130124.token"
+FLICKR_TOKEN_HINT = (
+    "results_20130124.token ships with the Flickr30k dataset (in its caption archive; the "
+    "photos are the flickr30k-images/ folder)."
+)
+KARPATHY_HINT = (
+    "Expected the Karpathy split file (dataset_coco.json / dataset_flickr30k.json), from "
+    "Karpathy's split archive caption_datasets.zip."
+)
+
+
 def read_karpathy(
     json_path: str, image_root: str, split: str = "test", captions_per_image: int = 5
 ) -> RetrievalSet:
     """COCO / Flickr30k Karpathy json (dataset_coco.json, dataset_flickr30k.json), one split.
 
-    Each image keeps its first `captions_per_image` sentences ("raw" text); COCO entries carry a
-    "filepath" (val2014/...) under image_root, Flickr entries only a filename.
+    Protocol: the entries whose "split" is `split`, in file order; each image keeps its first
+    `captions_per_image` sentences ("raw" text, stripped), fewer if it has fewer (only an image
+    with none is refused; text_to_image keeps the pairing right either way). COCO entries carry a
+    "filepath" (val2014/...) under image_root, Flickr entries only a filename. The COCO test split
+    is the "Karpathy 5k" (5,000 val2014 images), the Flickr30k one the standard 1k test.
     """
-    hint = "Expected the Karpathy split file (dataset_coco.json / dataset_flickr30k.json)."
-    _require(json_path, "Karpathy split json", hint)
+    _require(json_path, "Karpathy split json", KARPATHY_HINT)
     _require(image_root, "image root for the Karpathy split")
     with open(json_path, encoding="utf-8") as f:
         entries = [e for e in json.load(f)["images"] if e.get("split") == split]
@@ -218,6 +235,131 @@ def read_karpathy(
             captions.append(s["raw"].strip())
             owner.append(i)
     return RetrievalSet(images, captions, np.asarray(owner, np.int64))
+
+
+def _first_n(source: str, image: str, texts: list[str], n: int) -> list[str]:
+    """The first n captions of one image, or a ValueError naming the file and the image."""
+    if len(texts) < n:
+        raise ValueError(
+            f"{source}: image {image} has {len(texts)} captions, but this protocol keeps the "
+            f"first captions_per_image={n} of every image and refuses images with fewer "
+            "(Long-CLIP / FineLIP score with exactly that many captions per image, in order)"
+        )
+    return [t.strip() for t in texts[:n]]
+
+
+def _grouped(images: list[str], texts: list[list[str]]) -> RetrievalSet:
+    owner = [i for i, group in enumerate(texts) for _ in group]
+    return RetrievalSet(images, [t for g in texts for t in g], np.asarray(owner, np.int64))
+
+
+def read_coco_captions(
+    annotation_json: str, image_root: str, captions_per_image: int = 5, subdir: str = "val2017"
+) -> RetrievalSet:
+    """COCO 2017 captions (annotations/captions_val2017.json), Long-CLIP / FineLIP / FG-CLIP v1.
+
+    Protocol ("COCO 5k" in the long-caption CLIP papers): the file is read the way torchvision's
+    CocoCaptions reads it. The images are taken in ascending image-id order (not file order);
+    each image's captions are its annotations in file order, of which the first
+    `captions_per_image` (5) are kept. Val2017 has 5,000 images with at least 5 captions each,
+    so 25,000 captions. An image with fewer is refused, since the reference scorer counts on
+    exactly 5 per image. Images are at image_root/<subdir>/<file_name>. Annotations whose
+    image_id is not among the images are dropped, as CocoCaptions never sees them. This is not
+    the Karpathy 5k test (val2014 images); read_karpathy reads that.
+    """
+    _require(annotation_json, "COCO caption annotations (captions_val2017.json)", COCO_HINT)
+    image_dir = _require(
+        os.path.join(image_root, subdir),
+        f"COCO image folder ({subdir}/ of the image root)",
+        COCO_HINT,
+    )
+    with open(annotation_json, encoding="utf-8") as f:
+        data = json.load(f)
+    files = {img["id"]: img["file_name"] for img in data["images"]}
+    if not files:
+        raise ValueError(f"{annotation_json}: no images")
+    texts: dict[int, list[str]] = {i: [] for i in files}
+    orphans = 0
+    for ann in data["annotations"]:
+        if ann["image_id"] in texts:
+            texts[ann["image_id"]].append(ann["caption"])
+        else:
+            orphans += 1
+    if orphans:
+        logging.warning("%s: %d captions of unknown images dropped", annotation_json, orphans)
+    ids = sorted(files)
+    return _grouped(
+        [os.path.join(image_dir, files[i]) for i in ids],
+        [_first_n(annotation_json, files[i], texts[i], captions_per_image) for i in ids],
+    )
+
+
+def _read_flickr_token(token_path: str) -> dict[str, list[str]]:
+    """results_20130124.token: image name -> its captions, both in file order."""
+    _require(token_path, "Flickr30k caption file (results_20130124.token)", FLICKR_TOKEN_HINT)
+    groups: dict[str, list[str]] = {}
+    with open(token_path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            key, tab, caption = line.rstrip("\n").partition("\t")
+            image, hash_, _ = key.rpartition("#")
+            if not tab or not hash_ or not image:
+                raise ValueError(
+                    f"{token_path}:{number}: expected '<image>.jpg#<k><TAB><caption>', "
+                    f"got {line.strip()[:80]!r}"
+                )
+            groups.setdefault(image, []).append(caption)
+    if not groups:
+        raise ValueError(f"{token_path}: no captions")
+    return groups
+
+
+def read_image_list(path: str, split: str = "test") -> list[str]:
+    """Image file names: one per line of a text file ("<id>.jpg" or "<id>"), or, for a .json, the
+    filenames of a Karpathy split json's `split` entries, in file order."""
+    _require(path, "image list (the Karpathy test images)", KARPATHY_HINT)
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            names = [e["filename"] for e in json.load(f)["images"] if e.get("split") == split]
+    else:
+        names = [n if os.path.splitext(n)[1] else n + ".jpg" for n in _read_lines(path)]
+    if not names:
+        raise ValueError(f"{path}: no image names (a .json is read for split == {split!r})")
+    return names
+
+
+def read_flickr_token(
+    token_path: str,
+    image_root: str,
+    captions_per_image: int = 5,
+    image_list: list[str] | None = None,
+) -> RetrievalSet:
+    """Flickr30k from its own caption file, lines "<image>.jpg#<k><TAB><caption>".
+
+    Protocol without image_list (Long-CLIP / FineLIP "Flickr30k"): every image of the file, in
+    the order of first appearance, 31,783 images and 158,915 captions, each image with its first
+    `captions_per_image` (5) captions in file order. On the real file (5 consecutive lines per
+    image) this is what Long-CLIP's every-fifth-line reading gives. That gallery is about 32
+    times the standard 1k test, so its recalls are far lower and not comparable with 1k
+    numbers. With image_list (e.g. the Karpathy test images): only those images, in the list's
+    order, which is the standard 1k protocol. An image with fewer captions than
+    captions_per_image is refused (every image has 5 in the real file), as is a listed image
+    absent from the file. Images are at image_root/<image> (normally the flickr30k-images/
+    folder).
+    """
+    groups = _read_flickr_token(token_path)
+    _require(image_root, "Flickr30k image folder (flickr30k-images/)", FLICKR_TOKEN_HINT)
+    names = list(groups) if image_list is None else list(image_list)
+    missing = [n for n in names if n not in groups]
+    if missing:
+        raise ValueError(
+            f"{token_path}: {len(missing)} listed images have no captions there, e.g. {missing[:3]}"
+        )
+    return _grouped(
+        [os.path.join(image_root, n) for n in names],
+        [_first_n(token_path, n, groups[n], captions_per_image) for n in names],
+    )
 
 
 def read_fgovd(

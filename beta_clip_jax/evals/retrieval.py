@@ -2,9 +2,10 @@
 
 Always reports the plain dual-encoder score (CLS embedding vs caption embedding): t2i_r1/5/10,
 i2t_r1/5/10. With `tci` on, it also reports beta-CLIP's text-conditioned score (each gallery image
-pooled with its own ground-truth caption, beta_clip.md 5.2) under keys prefixed "tci_". That
-score lets the gallery see its own caption, so it is not a leak-free retrieval protocol; it is
-kept for parity with the reference's logs and labelled as such in the console table.
+pooled with its own ground-truth caption, as beta-CLIP's evaluator logs it) under keys prefixed
+"tci_". That score lets the gallery see its own caption, so it is not a leak-free retrieval
+protocol; it is kept for parity with the reference's logs and labelled as such in the console
+table. docs/evals.md describes each dataset's protocol and which published numbers it matches.
 """
 
 from __future__ import annotations
@@ -44,16 +45,117 @@ def read_retrieval_set(name: str, kind: str, cfg: Any) -> readers.RetrievalSet:
             cfg_get(cfg, "image_root"),
             caption_mode=cfg_get(cfg, "caption_mode", "short+extra"),
         )
-    if kind in ("coco", "flickr30k"):
-        root = cfg_require(cfg, "root", name)
-        default_json = "dataset_coco.json" if kind == "coco" else "dataset_flickr30k.json"
-        return readers.read_karpathy(
-            cfg_get(cfg, "json_path", os.path.join(root, default_json)),
-            cfg_get(cfg, "image_root", root),
-            split=cfg_get(cfg, "split", "test"),
-            captions_per_image=int(cfg_get(cfg, "captions_per_image", 5)),
-        )
+    if kind == "coco":
+        return _read_coco(name, cfg)
+    if kind == "flickr30k":
+        return _read_flickr30k(name, cfg)
     raise ValueError(f"not a retrieval kind: {kind!r}")
+
+
+COCO_PROTOCOLS = ("val2017", "karpathy")
+FLICKR30K_PROTOCOLS = ("karpathy_1k", "full")
+KARPATHY_FIELDS = ("json_path", "split")
+
+
+def _path(cfg: Any, key: str, name: str, *under_root: str) -> str:
+    """cfg[key], else root/<under_root...> (root is then required)."""
+    return cfg_get(cfg, key) or os.path.join(cfg_require(cfg, "root", name), *under_root)
+
+
+def _protocol(name: str, cfg: Any, choices: tuple[str, ...], default: str) -> str:
+    protocol = cfg_get(cfg, "protocol", default)
+    if protocol not in choices:
+        raise ValueError(
+            f"evaluator {name!r} ({cfg_get(cfg, 'kind')}): protocol {protocol!r} not in "
+            f"{list(choices)}"
+        )
+    return protocol
+
+
+def _refuse_fields(name: str, cfg: Any, protocol: str, fields: tuple[str, ...]) -> None:
+    given = [f for f in fields if cfg_get(cfg, f) is not None]
+    if given:
+        raise ValueError(
+            f"evaluator {name!r} ({cfg_get(cfg, 'kind')}): protocol {protocol!r} does not read "
+            f"{given}; they belong to another protocol"
+        )
+
+
+def _read_coco(name: str, cfg: Any) -> readers.RetrievalSet:
+    """protocol "val2017" (default) or "karpathy" (the default when json_path / split are set)."""
+    uses_karpathy_fields = any(cfg_get(cfg, f) is not None for f in KARPATHY_FIELDS)
+    protocol = _protocol(
+        name, cfg, COCO_PROTOCOLS, "karpathy" if uses_karpathy_fields else "val2017"
+    )
+    per_image = int(cfg_get(cfg, "captions_per_image", 5))
+    if protocol == "val2017":
+        _refuse_fields(name, cfg, protocol, KARPATHY_FIELDS)
+        return readers.read_coco_captions(
+            _path(cfg, "annotation_json", name, "annotations", "captions_val2017.json"),
+            _path(cfg, "image_root", name),
+            captions_per_image=per_image,
+        )
+    _refuse_fields(name, cfg, protocol, ("annotation_json",))
+    return readers.read_karpathy(
+        _path(cfg, "json_path", name, "dataset_coco.json"),
+        _path(cfg, "image_root", name),
+        split=cfg_get(cfg, "split", "test"),
+        captions_per_image=per_image,
+    )
+
+
+def _flickr_image_root(name: str, cfg: Any) -> str:
+    """image_root, else root/flickr30k-images when that folder exists, else root."""
+    if cfg_get(cfg, "image_root"):
+        return cfg_get(cfg, "image_root")
+    root = cfg_require(cfg, "root", name)
+    folder = os.path.join(root, "flickr30k-images")
+    return folder if os.path.isdir(folder) else root
+
+
+def _read_flickr30k(name: str, cfg: Any) -> readers.RetrievalSet:
+    """protocol "karpathy_1k" (default) or "full" (the whole token file, Long-CLIP's table)."""
+    protocol = _protocol(name, cfg, FLICKR30K_PROTOCOLS, "karpathy_1k")
+    per_image = int(cfg_get(cfg, "captions_per_image", 5))
+    token_path = cfg_get(cfg, "token_path")
+    if protocol == "full":
+        _refuse_fields(name, cfg, protocol, (*KARPATHY_FIELDS, "test_list"))
+        return readers.read_flickr_token(
+            _path(cfg, "token_path", name, readers.FLICKR_TOKEN_FILE),
+            _flickr_image_root(name, cfg),
+            captions_per_image=per_image,
+        )
+    split = cfg_get(cfg, "split", "test")
+    test_list = cfg_get(cfg, "test_list")
+    json_path = cfg_get(cfg, "json_path")
+    if test_list and json_path:
+        raise ValueError(
+            f"evaluator {name!r} (flickr30k): set json_path (captions from the Karpathy json) or "
+            "test_list (captions from the token file), not both"
+        )
+    if test_list or token_path:
+        if not test_list:
+            raise ValueError(
+                f"evaluator {name!r} (flickr30k): protocol 'karpathy_1k' with token_path needs "
+                "test_list (the Karpathy test image names, a text file or dataset_flickr30k.json); "
+                "protocol 'full' reads every image of the token file"
+            )
+        return readers.read_flickr_token(
+            _path(cfg, "token_path", name, readers.FLICKR_TOKEN_FILE),
+            _flickr_image_root(name, cfg),
+            captions_per_image=per_image,
+            image_list=readers.read_image_list(test_list, split=split),
+        )
+    json_path = json_path or _path(cfg, "json_path", name, "dataset_flickr30k.json")
+    if not os.path.exists(json_path):
+        raise FileNotFoundError(
+            f"Flickr30k karpathy_1k: expected the Karpathy split json at {json_path!r}, which does "
+            f"not exist. {readers.KARPATHY_HINT} Or set token_path + test_list to read "
+            f"{readers.FLICKR_TOKEN_FILE} restricted to the Karpathy test images."
+        )
+    return readers.read_karpathy(
+        json_path, _flickr_image_root(name, cfg), split=split, captions_per_image=per_image
+    )
 
 
 def retrieval_scores(
@@ -77,11 +179,29 @@ def retrieval_scores(
 class RetrievalEvaluator(Evaluator):
     """Config: kind, the kind's paths (see read_retrieval_set), tci, image_mode, + common fields.
 
-    Paths per kind: urban1k root; sharegpt4v_1k json_path + image_root (+ num, caption_mode);
-    dci root (+ image_root, caption_mode "short+extra" | "extra"); coco / flickr30k root
-    (+ json_path, image_root, split, captions_per_image). tci defaults on for the long-caption sets
-    (as beta-CLIP logs it) and off for COCO/Flickr. image_mode "crop" (CLIP transform) or
-    "squash" (FG-CLIP's square resize).
+    Paths per kind:
+      * urban1k: root.
+      * sharegpt4v_1k: json_path + image_root (+ num, caption_mode).
+      * dci: root (+ image_root, caption_mode "short+extra" | "extra").
+      * coco, protocol "val2017" (default; the COCO 5k of Long-CLIP / FineLIP / FG-CLIP v1):
+        root holding annotations/captions_val2017.json and val2017/, or annotation_json +
+        image_root (the folder holding val2017/); the first captions_per_image (5) captions of
+        each image, images in ascending id order.
+      * coco, protocol "karpathy" (the Karpathy 5k test, val2014 images; also chosen when
+        json_path or split is set without a protocol): root (+ json_path, default
+        root/dataset_coco.json; image_root, default root; split, default "test").
+      * flickr30k, protocol "karpathy_1k" (default; the standard 1k test): the Karpathy json
+        (json_path, default root/dataset_flickr30k.json; split) or the token file (token_path,
+        default root/results_20130124.token) restricted to test_list (a text file of image
+        names, or a Karpathy json whose split entries are taken).
+      * flickr30k, protocol "full" (Long-CLIP / FineLIP's "Flickr30k": all 31,783 images of the
+        token file, not comparable with 1k numbers): token_path or root.
+      * Flickr images: image_root, default root/flickr30k-images if present, else root.
+      * COCO / Flickr: captions_per_image (default 5). The val2017 and token-file readers refuse
+        an image with fewer; the Karpathy json keeps what there is.
+
+    tci defaults on for the long-caption sets (as beta-CLIP logs it) and off for COCO/Flickr.
+    image_mode "crop" (CLIP transform) or "squash" (FG-CLIP's square resize).
     """
 
     LONG_CAPTION_KINDS = ("urban1k", "sharegpt4v_1k", "dci")
