@@ -2,7 +2,8 @@
 
 Inputs are batched internally at a fixed batch size (the last batch padded) so each function
 compiles once per shape. Images at the model's resolution go in as they are; others are resized
-(bicubic, shortest side) and centre-cropped as in CLIP evaluation.
+(bicubic, shortest side) and centre-cropped as in CLIP evaluation. Encoders always compute in
+float32, whatever `model.dtype` a run trains in, as the reference evaluates in float32.
 """
 
 import logging
@@ -10,9 +11,9 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from beta_clip_jax.convert import import_pretrained, parse_spec
+from beta_clip_jax.data.transforms import resize_center_crop
 from beta_clip_jax.models.clip import BetaCLIP, build_model, normalize_images
 
 _log = logging.getLogger(__name__)
@@ -26,24 +27,11 @@ def _l2(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W, 3] -> [size, size, 3]: bicubic resize of the shortest side, centre crop."""
-    h, w = image.shape[:2]
-    if (h, w) == (size, size):
-        return image
-    short, long = min(h, w), max(h, w)
-    new_long = int(size * long / short)  # the torchvision Resize(size) rule CLIP evaluation uses
-    new_h, new_w = (size, new_long) if h <= w else (new_long, size)
-    img = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
-    return np.asarray(img.crop((left, top, left + size, top + size)))
-
-
 class Encoder:
     """Embeds images and texts with one BetaCLIP model; all outputs are numpy float32."""
 
     def __init__(self, model: BetaCLIP, params, tokenizer=None, *, batch_size: int = 32, mesh=None):
+        model = float32_model(model)
         self.model = model
         self.params = params
         self.mesh = mesh
@@ -64,7 +52,7 @@ class Encoder:
             cls, patches = model.apply(
                 {"params": p}, normalize_images(images), method="encode_image"
             )
-            return _l2(cls), _l2(patches)
+            return _l2(cls), _l2(patches), patches
 
         def encode_text(p, tokens):
             return _l2(model.apply({"params": p}, tokens, method="encode_text"))
@@ -126,7 +114,10 @@ class Encoder:
         return np.stack([resize_center_crop(im, self.image_size) for im in images])
 
     def _trim(self, tokens: np.ndarray) -> np.ndarray:
-        used = int((tokens != 0).sum(axis=1).max(initial=1))
+        # The model pools each row at its argmax id (the first EOT) under causal attention, so
+        # nothing after that position can change a row's embedding. Counting non-zero ids instead
+        # would be wrong: id 0 is a real byte piece ("!"), not only padding.
+        used = int(np.argmax(tokens, axis=1).max(initial=0)) + 1 if len(tokens) else 1
         length = next((b for b in _TEXT_BUCKETS if used <= b), self.context_length)
         return tokens[:, : min(length, tokens.shape[1])]
 
@@ -158,9 +149,10 @@ class Encoder:
         """Token ids int32 [N, L] -> [N, E], L2-normalised."""
         return self._batched(self._text, None, self._trim(np.asarray(tokens, np.int32)))
 
-    def dense_features(self, images) -> np.ndarray:
-        """uint8 [N, H, W, 3] -> [N, h, w, E] patch embeddings, each L2-normalised."""
-        out = self._batched(self._image, 1, self._images(images))
+    def dense_features(self, images, normalize: bool = True) -> np.ndarray:
+        """uint8 [N, H, W, 3] -> [N, h, w, E] projected patch tokens (value-only last block),
+        each L2-normalised unless normalize=False (FG-OVD ROI-aligns the raw tokens)."""
+        out = self._batched(self._image, 1 if normalize else 2, self._images(images))
         return out.reshape(len(out), self._grid, self._grid, self.model.config.embed_dim)
 
     def conditioned_embeddings(self, images, texts: list[str]) -> np.ndarray:
@@ -176,6 +168,20 @@ class Encoder:
         if len(texts) != len(images):
             raise ValueError(f"one text per image: got {len(texts)} texts, {len(images)} images")
         return images, self._trim(self.tokenize(texts))
+
+
+def float32_model(model: BetaCLIP) -> BetaCLIP:
+    """`model` computing in float32 (same parameter tree), for evaluation and inference.
+
+    cuDNN attention only runs in bfloat16, so it falls back to JAX's choice; remat only matters
+    for gradients."""
+    cfg = model.config
+    if cfg.dtype == "float32" and cfg.get("attention", "auto") != "cudnn":
+        return model
+    items = dict(cfg.items(), dtype="float32")
+    if items.get("attention") == "cudnn":
+        items["attention"] = "auto"
+    return build_model(items)
 
 
 def load(path: str, *, tokenizer=None, batch_size: int = 32, model_cfg=None) -> Encoder:

@@ -82,16 +82,17 @@ def _restore_or_init(config, workdir, model, tx, mesh, ckpt, data_iter):
 
 
 def load_init_params(config, params_abs, model):
-    """Pretrained weights named by config.init (hf:PATH, openai:PATH or a workdir), completed
-    with the parts `model`'s method adds (SmartCLIP mask head, Holistic branches)."""
-    from beta_clip_jax.convert import load_pretrained
+    """Pretrained weights named by config.init (hf:, openai:, bclip: PATH or a workdir),
+    completed with the parts `model`'s method adds (SmartCLIP mask head, Holistic branches)."""
+    from beta_clip_jax.convert import load_pretrained, parse_spec
     from beta_clip_jax.models.clip import complete_params
 
     spec = str(config.init)
-    if spec.startswith(("hf:", "openai:")):
-        params, _ = load_pretrained(spec, config.model)
+    kind, path = parse_spec(spec)
+    if kind == "workdir":
+        params, _, _ = checkpoint.load_params_from_workdir(path)
     else:
-        params, _, _ = checkpoint.load_params_from_workdir(spec)
+        params, _ = load_pretrained(spec, config.model)
     params = complete_params(params, model, jax.random.key(int(config.seed)))
     checkpoint.check_shapes(params, params_abs, f"init weights {spec}")
     return params
@@ -123,9 +124,13 @@ def run_evaluators(evaluators, model, params, tokenizer, step, writer, *, force=
 
 
 def _setup_workdir(config, workdir):
+    """Creates the workdir and writes the resolved config.json (process 0). An evaluation run
+    keeps an existing config.json: it describes the training run, not the evaluation."""
     if jax.process_index() == 0:
+        path = epath.Path(workdir) / "config.json"
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json(str(epath.Path(workdir) / "config.json"), config.to_dict())
+        if config.mode != "eval" or not path.exists():
+            checkpoint.write_json(str(path), config.to_dict())
 
 
 def _no_compilation_cache_on_cpu_clusters():
@@ -300,7 +305,7 @@ def _evaluate_only(config, workdir, model, tx, mesh, evaluators, tokenizer, writ
     else:
         raise ValueError(
             f"mode=eval needs a checkpoint under {checkpoint.checkpoint_dir(workdir)} "
-            "or weights in config.init (hf:PATH, openai:PATH or a workdir)"
+            "or weights in config.init (hf:PATH, openai:PATH, bclip:PATH or a workdir)"
         )
     if not evaluators:
         raise ValueError("mode=eval but config.evals is empty: nothing to evaluate")

@@ -85,8 +85,8 @@ def test_other_resolutions_are_resized_and_cropped(encoder):
     crops = np.stack([api.resize_center_crop(im, 32) for im in images])
     assert crops.shape == (2, 32, 32, 3)
     np.testing.assert_array_equal(encoder.embed_images(images), encoder.embed_images(crops))
-    native = _uint8_images(1, 32, 32, seed=4)[0]
-    assert api.resize_center_crop(native, 32) is native
+    native = _uint8_images(1, 32, 32, seed=4)
+    assert encoder._images(native) is native  # at the model's resolution: used as given
     with pytest.raises(TypeError, match="uint8"):
         encoder.embed_images(images.astype(np.float32))
 
@@ -149,3 +149,33 @@ def _flat(tree, prefix=""):
         name = f"{prefix}/{k}" if prefix else k
         out.update(_flat(v, name) if isinstance(v, dict) else {name: v})
     return out
+
+
+def test_text_trim_reads_the_eot_position_not_nonzero_ids(tiny, encoder):
+    """ "!~" encodes to ids 0, 349: a row of them has few non-zero ids but a late EOT; trimming
+    by the non-zero count cut the EOT off and pooled another token."""
+    hf, _ = tiny
+    texts = ["a" + " !~" * 12, "a cat"]
+    tokens = encoder.tokenize(texts)
+    assert (tokens[0] == 0).sum() > 12 and int(np.argmax(tokens[0])) == 26
+    np.testing.assert_allclose(
+        encoder.embed_texts(texts), _unit(hf_text_features(hf, tokens)), atol=1e-4
+    )
+
+
+def test_raw_dense_features_and_float32_evaluation(tiny):
+    """dense_features(normalize=False) gives the projected tokens; a bfloat16 model still
+    evaluates in float32 (same numbers as the float32 model, bfloat16 would be ~1e-2 off)."""
+    hf, path = tiny
+    bf16 = api.load(path, batch_size=4, model_cfg=None)
+    cfg = dict(bf16.model.config.items(), dtype="bfloat16")
+    from beta_clip_jax.models.clip import build_model
+
+    encoder = api.Encoder(build_model(cfg), bf16.params, batch_size=4)
+    assert encoder.model.config.dtype == "float32"
+    images = _uint8_images(3, 32, 32, seed=8)
+    raw = encoder.dense_features(images, normalize=False)
+    ref = value_only_patch_tokens(hf, normalize_images(images)).reshape(3, 4, 4, 32)
+    np.testing.assert_allclose(raw, ref, atol=1e-4)
+    assert np.abs(np.linalg.norm(raw, axis=-1) - 1).max() > 1e-2  # really not normalised
+    np.testing.assert_allclose(encoder.embed_images(images), bf16.embed_images(images), atol=1e-6)

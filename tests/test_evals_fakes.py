@@ -60,7 +60,7 @@ class IdFake:
         assert len(images) == len(texts)
         return _unit(self.embed_images(images) + 0.5 * self.embed_texts(texts))
 
-    def dense_features(self, images):
+    def dense_features(self, images, normalize=True):
         emb = self.embed_images(images)
         return np.broadcast_to(emb[:, None, None, :], (len(emb), 2, 2, emb.shape[1])).copy()
 
@@ -83,7 +83,7 @@ class ColourFake:
     def conditioned_embeddings(self, images, texts):
         return _unit(self.embed_images(images) + self.embed_texts(texts))
 
-    def dense_features(self, images):
+    def dense_features(self, images, normalize=True):
         x = np.asarray(images, np.float32) / 255.0
         n = len(x)
         return x.reshape(n, 4, 4, 4, 4, 3).mean(axis=(2, 4))

@@ -101,3 +101,16 @@ def test_invalid_sizes_fail_before_compile(tmp_path):
         config = tiny_config(batch_size=4, **{"loss.group_size": 4, "mesh.num_devices": 0})
         train_and_evaluate(config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_eval_mode_keeps_the_runs_config(tmp_path):
+    """--config.mode=eval scores the workdir's checkpoint and leaves its config.json alone."""
+    train_and_evaluate(tiny_config(stop_at_step=1), str(tmp_path))
+    before = (tmp_path / "config.json").read_text()
+    evals = {"synthetic": {"kind": "synthetic", "num_examples": 4, "batch_size": 4}}
+    config = tiny_config(mode="eval", seed=5)
+    config.evals = evals
+    results = train_and_evaluate(config, str(tmp_path))
+    assert "synthetic" in results and "box_hard" in results["synthetic"]
+    assert (tmp_path / "config.json").read_text() == before
+    assert (tmp_path / "eval_results.json").exists()

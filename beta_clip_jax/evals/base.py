@@ -40,6 +40,8 @@ class Evaluator:
     """
 
     kind = ""
+    # True when run() can also list per-item scores (the evaluate command's --per_item).
+    per_item = False
 
     def __init__(self, name: str, cfg: Any, image_size: int | None = None):
         self.name = name
@@ -55,7 +57,9 @@ class Evaluator:
         """True on every `every`-th step (never when every <= 0)."""
         return self.every > 0 and step % self.every == 0
 
-    def run(self, encoder) -> dict[str, float]:
+    def run(self, encoder, items: list | None = None) -> dict[str, float]:
+        """Metrics; an evaluator with per_item = True also appends one dict per scored item to
+        `items` when given one (JSON-ready, in dataset order)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

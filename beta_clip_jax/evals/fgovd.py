@@ -1,10 +1,11 @@
 """FG-OVD evaluator (hard / medium / easy / trivial), following FG-CLIP v1 as beta-CLIP does.
 
-Per box: resize the whole image to the model size ignoring aspect ratio, take the dense patch
-grid, map the (x, y, w, h) box to grid units, ROI-align it to one vector (1x1, aligned, adaptive
-sampling), L2-normalise, and score it against [positive] + negatives; a hit is the positive at the
-row maximum, ties included (evals.md 2.4, beta_clip.md 5.1). The same path scores the synthetic
-scenes' boxes.
+Per box, as the reference evaluator does: resize the whole image to the model size ignoring
+aspect ratio (bicubic), take the dense grid of raw projected patch tokens (value-only last block,
+ln_post, projection; not normalised), map the (x, y, w, h) box to grid units, ROI-align it to one
+vector (1x1, aligned, adaptive sampling), L2-normalise that vector, and score it by cosine against
+[positive] + negatives embedded at the model's context length; a hit is the positive at the row
+maximum, ties included. The same path scores the synthetic scenes' boxes.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def box_vectors(
     def compute(indices: np.ndarray) -> np.ndarray:
         raws = [load_raw(int(i)) for i in indices]
         batch = np.stack([prepare_image(raw, size, "squash") for raw in raws])
-        grids = np.asarray(encoder.dense_features(batch))
+        # The reference ROI-aligns the raw projected patch tokens and normalises the box vector
+        # afterwards; normalising each patch first moves the scores by up to ~5e-3.
+        grids = np.asarray(encoder.dense_features(batch, normalize=False))
         return np.stack(
             [
                 box_features(grid, boxes[int(i)], _height_width(raw))[0]
@@ -90,15 +93,24 @@ class FgovdEvaluator(Evaluator):
             d: readers.read_fgovd(root, image_root, d, self.max_examples) for d in difficulties
         }
 
-    def run(self, encoder) -> dict[str, float]:
+    per_item = True
+
+    def run(self, encoder, items: list | None = None) -> dict[str, float]:
+        """Accuracy per difficulty; `items` gets {"split", "index", "scores"} per box, index the
+        box's line in its file and scores its cosines to [positive] + negatives."""
         results = {}
-        for difficulty, items in self.items.items():
+        for difficulty, boxes in self.items.items():
             scores, valid = box_text_scores(
                 encoder,
-                lambda i, items=items: load_image(items[i].image_path),
-                [it.box for it in items],
-                [it.texts for it in items],
+                lambda i, boxes=boxes: load_image(boxes[i].image_path),
+                [it.box for it in boxes],
+                [it.texts for it in boxes],
                 self.batch_size,
             )
             results[difficulty] = fgovd_accuracy(scores, valid)
+            if items is not None:
+                items += [
+                    {"split": difficulty, "index": i, "scores": row[ok].tolist()}
+                    for i, (row, ok) in enumerate(zip(scores, valid, strict=True))
+                ]
         return results
