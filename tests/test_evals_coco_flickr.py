@@ -83,6 +83,22 @@ def test_coco_val2017_end_to_end(tmp_path):
     want = expected_recall(fake, image_ids, np.repeat(image_ids, 5))
     assert {k: out[k] for k in want} == pytest.approx(want)
     assert out["num_images"] == 3 and out["num_texts"] == 15
+    # Per item (evaluate --per_item): each caption's rank of its image, each image's best rank
+    # of its own captions, counted here from the similarity matrix directly.
+    items = []
+    assert ev.run(fake, items=items) == out
+    sim = fake.image_table[image_ids] @ fake.text_table[np.repeat(image_ids, 5)].T
+    t2i = [r for r in items if r["direction"] == "t2i"]
+    i2t = [r for r in items if r["direction"] == "i2t"]
+    assert [r["index"] for r in t2i] == list(range(15)) and len(i2t) == 3
+    for r in t2i:
+        col, gt = sim[:, r["index"]], r["image"]
+        assert gt == r["index"] // 5 and r["rank"] == int((col > col[gt]).sum())
+    for r in i2t:
+        row = sim[r["index"]]
+        own = row[5 * r["index"] : 5 * r["index"] + 5].max()
+        assert r["rank"] == int((row > own).sum())
+    assert 100 * np.mean([r["rank"] < 1 for r in t2i]) == pytest.approx(out["t2i_r1"])
 
 
 def test_coco_val2017_refuses_short_images_and_missing_files(tmp_path):

@@ -23,7 +23,7 @@ from beta_clip_jax.evals.base import (
     embed_texts,
     image_batches,
 )
-from beta_clip_jax.evals.metrics import retrieval_recall
+from beta_clip_jax.evals.metrics import retrieval_ranks, retrieval_recall
 
 TCI_PREFIX = "tci_"
 
@@ -158,19 +158,45 @@ def _read_flickr30k(name: str, cfg: Any) -> readers.RetrievalSet:
     )
 
 
+def _rank_items(sim, text_to_image, scoring: str) -> list[dict]:
+    """Per caption and per image: the 0-based rank of its ground truth (retrieval_ranks)."""
+    i2t, t2i = retrieval_ranks(sim, text_to_image)
+    out = [
+        {"scoring": scoring, "direction": "t2i", "index": j, "image": int(img), "rank": int(r)}
+        for j, (img, r) in enumerate(zip(text_to_image, t2i, strict=True))
+    ]
+    return out + [
+        {"scoring": scoring, "direction": "i2t", "index": i, "rank": int(r)}
+        for i, r in enumerate(i2t)
+    ]
+
+
 def retrieval_scores(
-    encoder, data: readers.RetrievalSet, batch_size: int, *, tci: bool, image_mode: str = "crop"
+    encoder,
+    data: readers.RetrievalSet,
+    batch_size: int,
+    *,
+    tci: bool,
+    image_mode: str = "crop",
+    items: list | None = None,
 ) -> dict[str, float]:
-    """CLS retrieval recall (and, if tci, the text-conditioned variant) on one manifest."""
+    """CLS retrieval recall (and, if tci, the text-conditioned variant) on one manifest;
+    `items` (optional) gets every caption's and image's rank (scoring "cls" / "tci")."""
     num_images = len(data.image_paths)
     load = image_batches(data.image_paths, encoder.image_size, image_mode)
     images = embed_images(encoder, load, num_images, batch_size)
     texts = embed_texts(encoder, data.captions, batch_size)
-    results = retrieval_recall(images @ texts.T, data.text_to_image)
+    sims = {"cls": images @ texts.T}
     if tci:
         pooled = embed_conditioned(encoder, load, data.first_caption_per_image(), batch_size)
-        for key, value in retrieval_recall(pooled @ texts.T, data.text_to_image).items():
-            results[TCI_PREFIX + key] = value
+        sims["tci"] = pooled @ texts.T
+    results = {}
+    for scoring, sim in sims.items():
+        prefix = TCI_PREFIX if scoring == "tci" else ""
+        for key, value in retrieval_recall(sim, data.text_to_image).items():
+            results[prefix + key] = value
+        if items is not None:
+            items += _rank_items(sim, data.text_to_image, scoring)
     results["num_images"] = float(num_images)
     results["num_texts"] = float(len(data.captions))
     return results
@@ -213,7 +239,14 @@ class RetrievalEvaluator(Evaluator):
         self.image_mode = cfg_get(cfg, "image_mode", "crop")
         self.data = read_retrieval_set(name, self.kind, cfg).truncated(self.max_examples)
 
-    def run(self, encoder) -> dict[str, float]:
+    per_item = True
+
+    def run(self, encoder, items: list | None = None) -> dict[str, float]:
         return retrieval_scores(
-            encoder, self.data, self.batch_size, tci=self.tci, image_mode=self.image_mode
+            encoder,
+            self.data,
+            self.batch_size,
+            tci=self.tci,
+            image_mode=self.image_mode,
+            items=items,
         )
