@@ -60,7 +60,10 @@ def get_config(branch_type: str = "cls"):
     c.checkpoint_every = 1000
     every = 5000
     c.evals = ml_collections.ConfigDict()
-    c.evals.coco = dict(kind="coco", root="data/coco", every=every, batch_size=128)
+    # The CLIP-benchmark tables report the Karpathy COCO 5k test and the Flickr30k 1k test.
+    c.evals.coco = dict(
+        kind="coco", protocol="karpathy", root="data/coco", every=every, batch_size=128
+    )
     c.evals.flickr30k = dict(kind="flickr30k", root="data/flickr30k", every=every, batch_size=128)
     c.evals.imagenet = dict(kind="zeroshot", root="data/imagenet/val", every=every, batch_size=128)
     return c
