@@ -1,31 +1,38 @@
-"""Per-image text hierarchy (spec/beta_clip.md 3.2): long caption -> caption, sentences, phrases.
+"""Per-image text hierarchy: long caption -> caption, sentences, phrases (β-CLIP's recipe).
 
 The long caption is de-duplicated, split naively on ". ", up to `max_sentences` sentences are
-sampled, the caption is those sentences joined with ". ", and the phrases are either the record's
-precomputed ones (from `data/prepare.py`, spaCy) restricted to the sampled sentences, or the output
-of a dependency-free fallback extractor run on the joined caption. `tokenize_hierarchy` turns the
-result into the fixed-shape slots of docs/CONTRACTS.md.
+sampled, the caption is those sentences joined with ". ", and the phrases come from one of:
+the record's per-sentence spaCy phrases (`data/prepare.py`), merged in β-CLIP's order for the
+sampled sentences; older flat precomputed phrases restricted to the sampled sentences; or a
+dependency-free fallback extractor run on the joined caption. `tokenize_hierarchy` turns the
+result into the fixed-shape slots of docs/CONTRACTS.md. docs/data.md describes the rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-# Phrases the reference removes after extraction (spec 3.2 step 5).
+# Phrases β-CLIP removes after extraction. The test is exact and case-sensitive, so "The image"
+# (the usual opening noun chunk of a ShareGPT4V caption) stays a phrase.
 DROPPED_PHRASES = frozenset({"the", "the image", "image"})
+# Phrase kinds in the order β-CLIP concatenates them before de-duplication and truncation to
+# `max_phrases`: noun phrases first, so they dominate the kept budget.
+PHRASE_CATEGORIES = ("noun", "verb_adp", "spatial")
 MAX_PHRASE_WORDS = 6
 
 _DEDUPE_MIN_CHARS = 100
 _DEDUPE_PASSES = (10, 5, 3)  # minimum repeated-substring lengths, one pass each
 _DEDUPE_MAX_REPLACEMENTS = 10
-_REPEATS = {m: re.compile(rf"(.{{{m},20}})\1{{2,}}", re.DOTALL) for m in _DEDUPE_PASSES}
+# Lazy: the shortest unit of 3..20 chars that repeats (3+ times in a row) is kept, as β-CLIP
+# does; no DOTALL, so a repetition never spans a newline.
+_REPEATS = {m: re.compile(rf"(.{{{m},20}}?)\1\1+") for m in _DEDUPE_PASSES}
 _WORD_OR_PUNCT = re.compile(r"[A-Za-z0-9]+(?:['’-][A-Za-z0-9]+)*|[^\sA-Za-z0-9]")
 _WORDS = re.compile(r"\w+")
-_DUPLICATE_WORDS = re.compile(r"\b(\w+)(?:\s+\1\b)+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +45,22 @@ class TextHierarchy:
 
 
 def dedupe_caption(text: str) -> str:
-    """Collapse LLM-caption stutter: repeated substrings (3-20 chars, >= 3 times in a row) and
-    consecutive duplicate words, as the reference does before splitting."""
-    if len(text) > _DEDUPE_MIN_CHARS:
+    """Collapse LLM-caption stutter the way β-CLIP does before splitting.
+
+    Texts over 100 characters lose repeated substrings (3-20 chars, 3+ times in a row; passes
+    for minimum lengths 10, 5, 3, at most 10 replacements each). Then, with 2+ words, runs of
+    identical whitespace-separated tokens merge: "red red," and "The the" stay, and every
+    whitespace run becomes one space. Texts under 2 characters are returned unchanged.
+    """
+    if len(text) < 2:
+        return text
+    if len(text) > _DEDUPE_MIN_CHARS:  # measured once, before the passes
         for min_len in _DEDUPE_PASSES:
             text = _REPEATS[min_len].sub(r"\1", text, count=_DEDUPE_MAX_REPLACEMENTS)
-    return _DUPLICATE_WORDS.sub(r"\1", text)
+    words = text.split()
+    if len(words) >= 2:
+        text = " ".join(word for word, _ in itertools.groupby(words))
+    return text.strip()
 
 
 def split_sentences(text: str) -> list[str]:
@@ -51,41 +68,66 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in text.split(". ") if s.strip()]
 
 
+def sample_indices(num: int, max_sentences: int, rng: np.random.Generator) -> list[int]:
+    """`max_sentences` distinct indices in random order if there are that many, else all, in
+    order."""
+    if num >= max_sentences:
+        return [int(i) for i in rng.choice(num, size=max_sentences, replace=False)]
+    return list(range(num))
+
+
 def sample_sentences(
     sentences: Sequence[str], max_sentences: int, rng: np.random.Generator
 ) -> list[str]:
-    """`max_sentences` distinct sentences in random order if there are that many, else all,
-    in order."""
-    if len(sentences) >= max_sentences:
-        picks = rng.choice(len(sentences), size=max_sentences, replace=False)
-        return [sentences[int(i)] for i in picks]
-    return list(sentences)
+    """The sentences at `sample_indices` (same draws, so the same sample)."""
+    return [sentences[i] for i in sample_indices(len(sentences), max_sentences, rng)]
+
+
+def merge_phrases(phrases: Sequence[str]) -> list[str]:
+    """β-CLIP's final phrase list: exact (case-sensitive) de-duplication keeping the first
+    occurrence, then the exact stop-phrases removed. Empty strings are dropped too (spaCy never
+    yields one; an empty text slot would carry no phrase)."""
+    seen, out = set(), []
+    for p in phrases:
+        if p not in seen:
+            seen.add(p)
+            if p and p not in DROPPED_PHRASES:
+                out.append(p)
+    return out
+
+
+def clean_phrases(phrases: Sequence[str]) -> list[str]:
+    """`merge_phrases` after whitespace normalisation, for phrases from other tools or files."""
+    return merge_phrases([" ".join(str(p).split()) for p in phrases])
+
+
+def merge_phrase_groups(groups: Sequence[Mapping[str, Sequence[str]]]) -> list[str]:
+    """One phrase list from per-sentence {"noun", "verb_adp", "spatial"} groups: all noun
+    phrases (groups in the given order), then all verb+adp, then all spatial; `merge_phrases`."""
+    return merge_phrases([p for cat in PHRASE_CATEGORIES for g in groups for p in g.get(cat, ())])
+
+
+def _check_groups(groups) -> None:
+    """Raise ValueError for a malformed "sentence_phrases" entry (a bad record, not a crash)."""
+    for g in groups:
+        if not isinstance(g, Mapping) or set(g) - set(PHRASE_CATEGORIES):
+            raise ValueError(f"sentence_phrases entries must map {PHRASE_CATEGORIES} to lists")
+        for value in g.values():
+            if not isinstance(value, list | tuple) or not all(isinstance(p, str) for p in value):
+                raise ValueError("sentence_phrases values must be lists of strings")
 
 
 def _normalise_words(text: str) -> str:
     return " " + " ".join(_WORDS.findall(text.lower())) + " "
 
 
-def clean_phrases(phrases: Sequence[str]) -> list[str]:
-    """Strip, drop empties and the reference's stop-phrases; de-duplicate case-insensitively,
-    keeping the first occurrence."""
-    seen, out = set(), []
-    for p in phrases:
-        p = " ".join(str(p).split())
-        key = p.lower()
-        if p and key not in seen and key not in DROPPED_PHRASES:
-            seen.add(key)
-            out.append(p)
-    return out
-
-
 def phrases_in_text(phrases: Sequence[str], text: str) -> list[str]:
     """The phrases that occur in `text` as whole words (case- and punctuation-insensitive).
 
-    Precomputed phrases come from the whole long caption, but the reference extracts them from
-    the sampled caption only; keeping just those that occur in it gives the same set of positives
-    (a phrase never mentioned in the caption text is not one of its granularities) and keeps the
-    `max_phrases` budget on the sentences actually used. Order follows the precomputed list.
+    For flat precomputed phrases (files without "sentence_phrases"): they come from the whole
+    long caption, but the reference extracts them from the sampled caption only; keeping just
+    those that occur in it gives about the same positives and keeps the `max_phrases` budget on
+    the sentences actually used. Order follows the precomputed list.
     """
     haystack = _normalise_words(text)
     return [p for p in phrases if _normalise_words(p).strip() and _normalise_words(p) in haystack]
@@ -166,23 +208,26 @@ def _noun_chunks(toks: list[str], low: list[str]) -> list[tuple[int, int]]:
     return [(s, e) for s, e in spans if any(w not in _DETERMINERS for w in low[s:e])]
 
 
-def extract_phrases_fallback(text: str) -> list[str]:
-    """Phrases of `text` without spaCy, in the reference's category order.
+def fallback_phrase_groups(text: str) -> dict[str, list[str]]:
+    """Phrases of `text` without spaCy, by kind (keys of PHRASE_CATEGORIES).
 
-    (a) noun chunks (a chunk directly followed by "<prep> [the] left/right/.../center [of]" is
-    extended over it, like the reference's "NP side" spans), at most the last MAX_PHRASE_WORDS
-    words; (b) verb + preposition bigrams ("leaning against"; verbs from a short list or -ing/-ed
-    forms after a non-determiner); (c) spatial relations ("next to", "<prep> [det] left/.../far
-    [of]"). Then `clean_phrases`.
+    "noun": noun chunks (a chunk directly followed by "<prep> [the] left/right/.../center [of]"
+    is extended over it, like the reference's "NP side" spans), at most the last
+    MAX_PHRASE_WORDS words; "verb_adp": verb + preposition bigrams ("leaning against"; verbs
+    from a short list or -ing/-ed forms after an auxiliary); "spatial": "next to" and
+    "<prep> [det] left/.../far [of]".
     """
     toks = _WORD_OR_PUNCT.findall(text)
     low = [t.lower() for t in toks]
-    chunks = []
+    chunks, covered = [], 0
     for s, e in _noun_chunks(toks, low):
+        if s < covered:  # inside an extended chunk: non-overlapping, like spaCy's filter_spans
+            continue
         side_end = _spatial_end(low, e, _NP_SIDES, det_ok=False) if e < len(low) else -1
         if side_end > 0 and low[e] != "next":
             e = side_end
         chunks.append(" ".join(toks[max(s, e - MAX_PHRASE_WORDS) : e]))
+        covered = e
     verb_preps, spatial = [], []
     for i in range(len(toks) - 1):
         if _is_verb(low, i) and low[i + 1] in _PREPOSITIONS:
@@ -190,7 +235,13 @@ def extract_phrases_fallback(text: str) -> list[str]:
         end = _spatial_end(low, i, _SPATIAL_HEADS, det_ok=True)
         if end > 0:
             spatial.append(" ".join(toks[i:end]))
-    return clean_phrases(chunks + verb_preps + spatial)
+    groups = {"noun": chunks, "verb_adp": verb_preps, "spatial": spatial}
+    return {k: merge_phrases(v) for k, v in groups.items()}
+
+
+def extract_phrases_fallback(text: str) -> list[str]:
+    """`fallback_phrase_groups` of `text` merged in the reference's kind order."""
+    return merge_phrase_groups([fallback_phrase_groups(text)])
 
 
 # --- hierarchy + tokenisation ------------------------------------------------------------------
@@ -204,26 +255,42 @@ def build_hierarchy(
     max_phrases: int,
     sentences: Sequence[str] | None = None,
     phrases: Sequence[str] | None = None,
+    sentence_phrases: Sequence[Mapping[str, Sequence[str]]] | None = None,
 ) -> TextHierarchy:
-    """Sample the texts of one image (spec 3.2). `sentences`/`phrases`: precomputed, optional.
+    """Sample the texts of one image. `sentences`, `phrases`, `sentence_phrases`: precomputed.
 
     Precomputed sentences (already de-duplicated by prepare.py) replace dedupe + split.
-    Precomputed phrases are all kept when every sentence was sampled, else only those occurring
-    in the sampled sentences (`phrases_in_text`). An empty result (no sentence) is returned
-    as-is; the caller decides to skip it.
+    `sentence_phrases` (one {"noun", "verb_adp", "spatial"} group per sentence) gives the
+    reference's phrases of the sampled caption: noun phrases of the sampled sentences in sampled
+    order, then verb+adp, then spatial, de-duplicated, the first `max_phrases`; it takes
+    precedence over flat `phrases`, which are all kept when every sentence was sampled, else only
+    those occurring in the sampled sentences (`phrases_in_text`). An empty result (no sentence)
+    is returned as-is; the caller decides to skip it. Raises ValueError for `sentence_phrases`
+    without aligned `sentences`.
     """
     if max_sentences < 1:
         raise ValueError(f"max_sentences must be >= 1, got {max_sentences}")
+    groups = None
+    if sentence_phrases is not None:
+        if sentences is None or len(sentences) != len(sentence_phrases):
+            raise ValueError("sentence_phrases needs sentences of the same length")
+        _check_groups(sentence_phrases)
+        groups = list(sentence_phrases)
     if sentences is None:
         sentences = split_sentences(dedupe_caption(caption))
     else:
         sentences = [" ".join(str(s).split()) for s in sentences]
-        sentences = [s for s in sentences if s]
-    picked = sample_sentences(sentences, max_sentences, rng)
+        keep = [i for i, s in enumerate(sentences) if s]  # drop empties, keep groups aligned
+        sentences = [sentences[i] for i in keep]
+        groups = None if groups is None else [groups[i] for i in keep]
+    picks = sample_indices(len(sentences), max_sentences, rng)
+    picked = [sentences[i] for i in picks]
     joined = ". ".join(picked)
     found: list[str] = []
     if max_phrases > 0 and joined:
-        if phrases is None:
+        if groups is not None:
+            found = merge_phrase_groups([groups[i] for i in picks])
+        elif phrases is None:
             found = extract_phrases_fallback(joined)
         elif len(picked) == len(sentences):
             found = clean_phrases(phrases)  # every sentence kept: all phrases belong

@@ -1,18 +1,22 @@
 """Offline phrase extraction: ShareGPT4V JSON or JSONL captions -> our training JSONL.
 
-    python -m beta_clip_jax.data.prepare --input=share-captioner_coco_lcs_sam_1246k_1107.json \
-        --format=sharegpt4v --image_root=/data/sharegpt4v --out=train.jsonl [--spacy_model=...]
+    python -m beta_clip_jax.data.prepare \
+        --input=share-captioner_coco_lcs_sam_1246k_1107_filtered.json --format=sharegpt4v \
+        --image_root=/data/sharegpt4v --out=train_spacy.jsonl [--spacy_model=en_core_web_sm]
 
-Each output line is {"image": relative path, "caption": str, "sentences": [...], "phrases": [...]}:
-the caption de-duplicated (spec 3.2 step 1), split naively on ". ", and the phrases of the whole
-caption. The training pipeline samples sentences from it and keeps the phrases that occur in them.
-Phrases come from spaCy (noun chunks + the reference's extra patterns, spec 3.2 step 5) when spaCy
-and the model are importable, otherwise from the dependency-free fallback in data/hierarchy.py;
-the summary says which. ShareGPT4V input skips its first 1000 entries (SV-1k) by default.
+Each output line is {"image", "caption", "sentences", "sentence_phrases", "phrases"}: the caption
+de-duplicated and split naively on ". " (what training samples from), one {"noun", "verb_adp",
+"spatial"} phrase group per sentence (each sentence parsed on its own), and the flat merge of
+those groups (for readers of the older format). Training merges the groups of the sentences it
+samples in β-CLIP's order (data/hierarchy.py). Phrases come from spaCy when spaCy and the model are
+importable, otherwise from the dependency-free fallback in data/hierarchy.py; the summary says
+which. ShareGPT4V input skips its first 1000 entries (SV-1k) by default, so the JSONL is trained on
+with no further skip. docs/data.md describes the format.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -20,7 +24,7 @@ import sys
 
 from absl import app, flags
 
-from beta_clip_jax.data import hierarchy
+from beta_clip_jax.data import hierarchy, sources
 
 _SIDE_WORDS = ["left", "right", "top", "bottom", "front", "back", "middle", "center"]
 _SPATIAL_WORDS = _SIDE_WORDS + [
@@ -60,26 +64,63 @@ def split_caption(caption: str) -> list[str]:
     return hierarchy.split_sentences(hierarchy.dedupe_caption(caption))
 
 
-def fallback_phrases(sentences: list[str]) -> list[str]:
-    return hierarchy.extract_phrases_fallback(". ".join(sentences))
+def fallback_groups(sentences: list[str]) -> list[dict[str, list[str]]]:
+    return [hierarchy.fallback_phrase_groups(s) for s in sentences]
 
 
-class SpacyExtractor:
-    """Phrases as the reference builds them, on one spaCy Doc of the joined caption.
+def spatial_relations(doc) -> list[str]:
+    """β-CLIP's spatial relations of a parsed Doc, lower-cased, de-duplicated, in text order.
 
-    (a) noun chunks plus "[DET] (ADJ|NOUN|PROPN)+ ADP [the] <side> [of]" spans, longest
-    non-overlapping kept (`filter_spans`), in text order; (b) VERB+ADP bigrams; (c) "next to" and
-    "ADP [DET] <spatial word> [of]" spans (longest match). Then de-duplicated, stop-phrases dropped.
+    One left-to-right scan, matches never overlap: "next" (ADV) + "to" (ADP), or an ADP, an
+    optional DET, a head word from the spatial list and an optional "of" (ADP). Token texts are
+    joined with single spaces.
+    """
+    out, i = [], 0
+    while i < len(doc):
+        end = _spatial_end(doc, i)
+        if end:
+            out.append(" ".join(t.text.lower().strip() for t in doc[i:end]))
+            i = end
+        else:
+            i += 1
+    return hierarchy.merge_phrases(out)
+
+
+def _spatial_end(doc, i: int) -> int:
+    """End (exclusive) of the spatial relation starting at token i, or 0."""
+    n, t = len(doc), doc[i]
+    if i + 1 < n and t.lower_ == "next" and t.pos_ == "ADV":
+        nxt = doc[i + 1]
+        if nxt.lower_ == "to" and nxt.pos_ == "ADP":
+            return i + 2
+    if t.pos_ != "ADP":
+        return 0
+    j = i + 1
+    if j < n and doc[j].pos_ == "DET":
+        j += 1
+    if j >= n or doc[j].lower_ not in _SPATIAL_WORDS:
+        return 0
+    j += 1
+    if j < n and doc[j].lower_ == "of" and doc[j].pos_ == "ADP":
+        j += 1
+    return j
+
+
+class SpacyPhraseRules:
+    """β-CLIP's phrase rules on a parsed spaCy Doc (POS tags and a dependency parse).
+
+    "noun": noun chunks plus "[DET] (ADJ|NOUN|PROPN)+ ADP [the] <side> [of]" spans, the longest
+    non-overlapping ones kept (spaCy's `filter_spans`), in text order, stripped; "verb_adp": each
+    VERB directly followed by an ADP ("leaning against"), as the Doc's text of the two tokens;
+    "spatial": `spatial_relations`. Each kind is de-duplicated exactly (`merge_phrases`); the
+    kinds are concatenated and de-duplicated again when training merges sentences.
     """
 
-    def __init__(self, model: str):
-        import spacy
+    def __init__(self, vocab):
         from spacy.matcher import Matcher
 
-        self.nlp = spacy.load(model, disable=["ner", "lemmatizer"])
-        self.name = f"spaCy {spacy.__version__} {model} {self.nlp.meta.get('version', '')}"
-        self.sides, self.spatial = Matcher(self.nlp.vocab), Matcher(self.nlp.vocab)
-        self.sides.add(
+        self.np_side = Matcher(vocab)
+        self.np_side.add(
             "np_side",
             [
                 [
@@ -92,37 +133,47 @@ class SpacyExtractor:
                 ]
             ],
         )
-        self.spatial.add(
-            "spatial",
-            [
-                [{"LOWER": "next"}, {"LOWER": "to"}],
-                [
-                    {"POS": "ADP"},
-                    {"POS": "DET", "OP": "?"},
-                    {"LOWER": {"IN": _SPATIAL_WORDS}},
-                    {"LOWER": "of", "OP": "?"},
-                ],
-            ],
-        )
 
-    def phrases(self, doc) -> list[str]:
+    def groups(self, doc) -> dict[str, list[str]]:
         from spacy.util import filter_spans
 
-        side_spans = [doc[s:e] for _, s, e in self.sides(doc)]
-        nps = sorted(filter_spans(list(doc.noun_chunks) + side_spans), key=lambda s: s.start)
+        spans = list(doc.noun_chunks) + [doc[s:e] for _, s, e in self.np_side(doc)]
+        noun = [s.text.strip() for s in filter_spans(spans)]
         verb_adp = [
-            f"{t.text} {doc[t.i + 1].text}"
-            for t in doc[:-1]
-            if t.pos_ == "VERB" and doc[t.i + 1].pos_ == "ADP"
+            doc[i : i + 2].text
+            for i in range(len(doc) - 1)
+            if doc[i].pos_ == "VERB" and doc[i + 1].pos_ == "ADP"
         ]
-        spatial = filter_spans([doc[s:e] for _, s, e in self.spatial(doc)])
-        spatial = sorted(spatial, key=lambda s: s.start)
-        texts = [s.text for s in nps] + verb_adp + [s.text for s in spatial]
-        return hierarchy.clean_phrases(texts)
+        groups = {"noun": noun, "verb_adp": verb_adp, "spatial": spatial_relations(doc)}
+        return {k: hierarchy.merge_phrases(v) for k, v in groups.items()}
 
-    def run(self, texts, processes: int):
-        for doc in self.nlp.pipe(texts, batch_size=256, n_process=max(1, processes)):
-            yield self.phrases(doc)
+    def phrases(self, doc) -> list[str]:
+        """The whole Doc's phrase list, as β-CLIP builds it for one caption."""
+        return hierarchy.merge_phrase_groups([self.groups(doc)])
+
+
+class SpacyExtractor:
+    """A spaCy model + `SpacyPhraseRules`, run per sentence.
+
+    β-CLIP parses the joined sampled caption at every step; parsing each sentence on its own
+    lets the groups be precomputed once. Only the parse context across a ". " boundary differs.
+    """
+
+    def __init__(self, model: str):
+        import spacy
+
+        # NER and the lemmatizer set neither POS nor the parse, so they are skipped for speed.
+        self.nlp = spacy.load(model, disable=["ner", "lemmatizer"])
+        self.name = f"spaCy {spacy.__version__} {model} {self.nlp.meta.get('version', '')}"
+        self.rules = SpacyPhraseRules(self.nlp.vocab)
+
+    def run(self, sentence_lists, processes: int):
+        """Per record (a list of sentences): its list of per-sentence phrase groups."""
+        sentence_lists = list(sentence_lists)
+        flat = (s for sentences in sentence_lists for s in sentences)
+        docs = self.nlp.pipe(flat, batch_size=1024, n_process=max(1, processes))
+        for sentences in sentence_lists:
+            yield [self.rules.groups(doc) for doc in itertools.islice(docs, len(sentences))]
 
 
 def make_extractor(spacy_model: str | None):
@@ -139,9 +190,14 @@ def make_extractor(spacy_model: str | None):
 def prepare(
     input_path, fmt, out_path, image_root=None, spacy_model=None, skip_first=None, processes=1
 ):
-    """Write the JSONL; returns a summary dict (counts, extractor used)."""
+    """Write the JSONL; returns a summary dict (counts, extractor used).
+
+    `skip_first` None: the training sources' own default for `fmt` (SV-1k for sharegpt4v, none
+    for jsonl), so the held-out entries are skipped here and never again on the JSONL.
+    A record whose sentences yield no phrase is written with empty groups, not dropped.
+    """
     if skip_first is None:
-        skip_first = 1000 if fmt == "sharegpt4v" else 0
+        skip_first = sources.default_skip_first(fmt)
     stats = {"written": 0, "dropped_bad_caption": 0, "dropped_missing_image": 0}
     records = []
     for image, caption in read_entries(input_path, fmt, skip_first):
@@ -155,20 +211,22 @@ def prepare(
         records.append({"image": image, "caption": caption, "sentences": sentences})
     extractor, stats["phrases_from"] = make_extractor(spacy_model)
     sentence_lists = [r["sentences"] for r in records]
+    pool = None
     if extractor is not None:
-        phrase_lists = extractor.run((". ".join(s) for s in sentence_lists), processes)
+        group_lists = extractor.run(sentence_lists, processes)
     elif processes > 1:
         pool = multiprocessing.get_context("spawn").Pool(processes)
-        phrase_lists = pool.imap(fallback_phrases, sentence_lists, chunksize=256)
+        group_lists = pool.imap(fallback_groups, sentence_lists, chunksize=256)
     else:
-        phrase_lists = map(fallback_phrases, sentence_lists)
+        group_lists = map(fallback_groups, sentence_lists)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w", encoding="utf-8") as f:
-        for record, phrases in zip(records, phrase_lists, strict=True):
-            record["phrases"] = phrases
+        for record, groups in zip(records, group_lists, strict=True):
+            record["sentence_phrases"] = groups
+            record["phrases"] = hierarchy.merge_phrase_groups(groups)
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             stats["written"] += 1
-    if extractor is None and processes > 1:
+    if pool is not None:
         pool.close()
     stats["skip_first"] = skip_first
     return stats
@@ -181,7 +239,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("image_root", None, "If set, drop entries whose image is missing.")
     flags.DEFINE_string("out", None, "Output JSONL path.")
     flags.DEFINE_string("spacy_model", "en_core_web_sm", "spaCy model; '' = fallback.")
-    flags.DEFINE_integer("skip_first", None, "Entries to skip (default: 1000 for sharegpt4v).")
+    flags.DEFINE_integer(
+        "skip_first", None, "Entries to skip (default: 1000 = SV-1k for sharegpt4v, 0 for jsonl)."
+    )
     flags.DEFINE_integer("processes", 1, "Worker processes for phrase extraction.")
 
 

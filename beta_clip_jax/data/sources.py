@@ -4,9 +4,10 @@ synthetic scenes.
 Every source is a module-level class with `__len__`/`__getitem__` that pickles small (file
 offsets, not contents), so spawned grain workers can rebuild it. A record is a dict with "id",
 "image_path" (str) or "image" (encoded bytes or uint8 HWC), "caption" and, optionally,
-"sentences"/"phrases". Sources do not validate records: a malformed entry raises from
-`__getitem__` (invalid UTF-8 as UnicodeDecodeError) and the pipeline counts it as a skip. Missing
-dataset files raise at construction, before anything compiles, saying what was expected where.
+"sentences"/"phrases"/"sentence_phrases". Sources do not validate records: a malformed entry
+raises from `__getitem__` (invalid UTF-8 as UnicodeDecodeError) and the pipeline counts it as a
+skip. Missing dataset files raise at construction, before anything compiles, saying what was
+expected where.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from PIL import Image
 
 from beta_clip_jax.data.synthetic import SyntheticScenes
 
-SHAREGPT4V_HELD_OUT = 1000  # json[:1000] is the SV-1k evaluation set (spec 3.1)
+SHAREGPT4V_HELD_OUT = 1000  # json[:1000] is the SV-1k evaluation set (docs/data.md)
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -165,7 +166,8 @@ class ShareGPT4VSource:
 
 
 class JsonlSource:
-    """Our JSONL (data/prepare.py): one {"image", "caption", "sentences"?, "phrases"?} a line."""
+    """Our JSONL (data/prepare.py): one {"image", "caption", "sentences"?, "phrases"?,
+    "sentence_phrases"?} a line (docs/data.md)."""
 
     how = (
         "write it with `python -m beta_clip_jax.data.prepare --input=... --format=sharegpt4v|jsonl "
@@ -198,7 +200,7 @@ class JsonlSource:
             "image_path": os.path.join(self.image_root, entry["image"]),
             "caption": entry["caption"],
         }
-        for key in ("sentences", "phrases"):
+        for key in ("sentences", "phrases", "sentence_phrases"):
             if entry.get(key) is not None:
                 record[key] = list(entry[key])
         return record
