@@ -19,8 +19,10 @@ Then train on the JSONL:
 `configs/b16_urban.py:bce` trains the BCE variant (the Urban1K headline row, 91.8 / 92.3 R@1 in the
 paper); the default CE variant is the FG-OVD-hard row (30.9). Everything else follows the released
 scripts: AdamW (0.9, 0.98), 10 epochs, optimiser batch 2048 made of 8 accumulated micro-batches of
-256, β-CAL over groups of 64 images with K = 1 + 5 + 30 texts, towers lr 1e-5 with ~0.1% warm-up
-and cosine to 1e-7, pooler lr 1e-3 cosine to 1e-4.
+256, β-CAL over groups of 64 images with K = 1 + 5 + 30 texts, the global CLS-caption InfoNCE over
+each micro-batch of 256 with the 4-GPU recipe's gradient (loss.global_gradient "local": columns
+carry no gradient), towers lr 1e-5 with ~0.1% warm-up and cosine to 1e-7, pooler lr 1e-3 cosine
+to 1e-4.
 
 Where to get the files:
 * weights: OpenAI's ViT-B-16.pt (openai:PATH) or a Hugging Face CLIP directory such as
@@ -67,6 +69,9 @@ def get_config(arg: str = "ce"):
     c.loss.mode = mode
     c.loss.beta = 0.5
     c.loss.group_size = 64
+    # The released runs are 4 GPUs x 64: the global InfoNCE's columns are all_gathered without
+    # gradient, so each embedding learns only as its own row's query.
+    c.loss.global_gradient = "local"
 
     c.batch_size = 2048
     c.optim.grad_accum = 8

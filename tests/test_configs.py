@@ -26,6 +26,7 @@ def test_every_config_loads_and_resolves(path):
 def test_b16_names_every_missing_path(tmp_path):
     config = resolve_config(_load(os.path.join(ROOT, "configs", "b16_urban.py"), "bce"))
     assert config.loss.mode == "bce" and config.model.variant == "B/16"
+    assert config.loss.global_gradient == "local"  # the 4-GPU recipe's global-loss gradient
     assert config.model.context_length == 248 and config.model.vision_width == 768
     with pytest.raises(FileNotFoundError) as err:
         check_config(config, device_count=1, process_count=1)

@@ -133,6 +133,41 @@ def test_precomputed_texts_and_truncation_count(tmp_path, tok):
     assert it.metrics()["data/truncated_texts"] == 4
 
 
+def test_sentence_phrase_groups_in_reference_order_and_phraseless_records_kept(tmp_path, tok):
+    """prepare's per-sentence groups: nouns of every sampled sentence (in sampled order) first,
+    then verb+adp, then spatial, as the reference orders the phrases of its sampled caption. A
+    record whose sentences yield no phrase trains with its phrase slots padded, not skipped."""
+    sents = ["a dog leaning against a wall", "a cat on the left"]
+    groups = [
+        {"noun": ["a dog", "a wall"], "verb_adp": ["leaning against"], "spatial": []},
+        {"noun": ["a cat"], "verb_adp": [], "spatial": ["on the left"]},
+    ]
+    empty = [{"noun": [], "verb_adp": [], "spatial": []}] * 2
+
+    def extra(i):
+        return {"sentences": sents, "sentence_phrases": groups if i % 2 == 0 else empty}
+
+    path, _ = make_jsonl(str(tmp_path), n=4, extra=extra)
+    cfg = config("jsonl", path, max_sentences=2, max_phrases=5)
+    it = pipeline.build_train_iterator(
+        cfg, batch_size_per_process=4, seed=0, image_size=SIZE, tokenizer=tok
+    )
+    b = next(it)
+    with_phrases = [row for row in range(4) if b["valid"][row, 3:].any()]
+    assert len(with_phrases) == 2  # the records are shuffled; two of each kind
+    for row in range(4):
+        if row not in with_phrases:
+            assert not b["phrases"][row].any()
+            continue
+        first = tok.decode(b["sentences"][row, 1])
+        order = [0, 1] if first.startswith("a dog") else [1, 0]
+        nouns = [p for i in order for p in groups[i]["noun"]]
+        want = nouns + ["leaning against", "on the left"]
+        np.testing.assert_array_equal(b["phrases"][row], tok.encode(want, 8))
+        assert b["valid"][row, 3:].all()
+    assert not any(v for k, v in it.metrics().items() if k.startswith("data/skipped"))
+
+
 def test_resume_mid_epoch_is_exact(tmp_path, tok):
     path, _ = make_jsonl(str(tmp_path), n=20, bad={3: "corrupt_image", 7: "missing_image"})
     cfg = config("jsonl", path, num_threads=2)

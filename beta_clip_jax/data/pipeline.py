@@ -28,7 +28,7 @@ from beta_clip_jax.data import hierarchy, sources, transforms
 
 SKIP_REASONS = (
     "missing_image", "corrupt_image", "empty_caption", "non_text_caption", "bad_utf8",
-    "no_phrase", "bad_record",
+    "bad_record",
 )  # fmt: skip
 # Layout of the per-record "_counts" vector: the skip reasons, then texts that filled their
 # context (truncated or exactly full; counted, not skipped: truncation keeps EOT).
@@ -126,20 +126,21 @@ class RecordProcessor:
         for key, value in extra.items():
             if value is not None and not all(isinstance(t, str) for t in value):
                 raise _Skip("bad_record", f"{rid}: {key} must be a list of strings")
-        texts = hierarchy.build_hierarchy(
-            caption,
-            rng,
-            max_sentences=self.sizes["max_sentences"],
-            max_phrases=self.sizes["max_phrases"],
-            **extra,
-        )
+        try:  # per-sentence phrase groups (data/prepare.py) are checked by the hierarchy
+            texts = hierarchy.build_hierarchy(
+                caption,
+                rng,
+                max_sentences=self.sizes["max_sentences"],
+                max_phrases=self.sizes["max_phrases"],
+                sentence_phrases=record.get("sentence_phrases"),
+                **extra,
+            )
+        except ValueError as e:
+            raise _Skip("bad_record", f"{rid}: {e}") from e
         if not texts.sentences:
             raise _Skip("empty_caption", f"{rid}: caption has no text ({caption[:80]!r})")
-        # The caption yields no phrase: skipped, as design.md 5 asks, but only when phrases are
-        # part of the objective (max_phrases > 0); an image with no phrase slot would train on
-        # fewer granularities than the rest of its batch.
-        if self.sizes["max_phrases"] > 0 and not texts.phrases:
-            raise _Skip("no_phrase", f"{rid}: no phrase in {texts.caption[:80]!r}")
+        # A caption that yields no phrase keeps its image, its phrase slots padded: the reference
+        # trains on such images with their caption and sentences only.
         return texts
 
     def _image(self, record: dict, rng: np.random.Generator) -> np.ndarray:
