@@ -1,11 +1,20 @@
-"""Pretrained weights in and out: `load_pretrained("hf:DIR" | "openai:FILE.pt" | WORKDIR, cfg)`.
+"""Pretrained weights in and out: `load_pretrained(SPEC, cfg)` / `import_pretrained(SPEC, cfg)`.
 
-Sources, in the order a bare path is tried:
-- a workdir of ours (has `checkpoints/`): handed to `beta_clip_jax.checkpoint`;
-- a Hugging Face CLIP directory (`config.json` + weights), optionally an export of ours with
-  `beta_clip_pooler.safetensors` (keys: flax paths joined by "/", e.g. "pooler/query/kernel") and
-  `beta_clip_meta.json` (its "model" entry: our model config fields);
-- an OpenAI `.pt` file.
+Init specs (`config.init`, `api.load`):
+- `hf:DIR`: a Hugging Face CLIP directory (`config.json` + safetensors, or pytorch_model.bin),
+  optionally an export of ours with `beta_clip_pooler.safetensors` (keys: flax paths joined by
+  "/", e.g. "pooler/query/kernel") and `beta_clip_meta.json` (its "model" entry: our model config);
+- `openai:FILE.pt`: an OpenAI CLIP checkpoint (TorchScript archive or plain state_dict), or a
+  Long-CLIP one (longclip-B.pt, longclip-L.pt: two positional tables, merged; see openai.py);
+- `bclip:FILE.pt`: a checkpoint of the official β-CLIP training script, pooler included
+  (bclip.py);
+- `workdir:DIR`: a workdir of ours (has `checkpoints/`), handed to `beta_clip_jax.checkpoint`.
+A bare path is classified by what it holds, in this order: a directory with `checkpoints/` is a
+workdir, another directory is `hf:`, a torch zip whose `state_dict` has pooler keys is `bclip:`
+(only its small data.pkl is read to tell), any other file is `openai:`.
+
+No file's code is executed: `.pt` zips go through torch_pickle's restricted unpickler, safetensors
+hold no code, and legacy `.pt` / `.bin` files load with `torch.load(weights_only=True)`.
 Parameters the source does not hold (the pooler, for plain CLIP weights) keep a fresh
 initialisation; their names are returned by `import_pretrained` and logged by `load_pretrained`.
 """
@@ -20,6 +29,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from beta_clip_jax.convert.bclip import (
+    bclip_to_hf_state_dict,
+    is_bclip_checkpoint,
+    read_bclip_checkpoint,
+    variant_from_bclip_state_dict,
+)
 from beta_clip_jax.convert.hf import (
     hf_config_from_variant,
     read_hf_dir,
@@ -37,7 +52,7 @@ from beta_clip_jax.convert.openai import (
     read_openai_state_dict,
     variant_from_openai_state_dict,
 )
-from beta_clip_jax.convert.positions import adapt_text_positions, stretch_positions
+from beta_clip_jax.convert.positions import KEEP, adapt_text_positions, stretch_positions
 from beta_clip_jax.models.variants import ALL_FIELDS, resolve_model_config
 
 __all__ = [
@@ -59,27 +74,30 @@ __all__ = [
 POOLER_FILE = "beta_clip_pooler.safetensors"
 META_FILE = "beta_clip_meta.json"
 # Rows of the 77-row table that Long-CLIP stretching keeps as they are (spec 1.3).
-STRETCH_KEEP = 20
+STRETCH_KEEP = KEEP
 _HEADS = ("vision_heads", "text_heads")
 
 _log = logging.getLogger(__name__)
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
-    """("hf" | "openai" | "workdir", path) for an init spec; a bare path is classified by what
-    it holds."""
-    for kind in ("hf", "openai", "workdir"):
+    """("hf" | "openai" | "bclip" | "workdir", path) for an init spec; a bare path is classified
+    by what it holds (see the module docstring)."""
+    for kind in ("hf", "openai", "bclip", "workdir"):
         if spec.startswith(kind + ":"):
             return kind, spec[len(kind) + 1 :]
     if os.path.isdir(os.path.join(spec, "checkpoints")):
         return "workdir", spec
     if os.path.isdir(spec):
         return "hf", spec
+    if is_bclip_checkpoint(spec):
+        return "bclip", spec
     if spec.endswith(".pt") or os.path.isfile(spec):
         return "openai", spec
     raise FileNotFoundError(
         f"no weights at {spec!r}: expected 'hf:DIR' (a Hugging Face CLIP directory), "
-        "'openai:FILE.pt' (an OpenAI CLIP checkpoint) or a workdir with checkpoints/"
+        "'openai:FILE.pt' (an OpenAI or Long-CLIP checkpoint), 'bclip:FILE.pt' (an official "
+        "β-CLIP training checkpoint) or a workdir with checkpoints/"
     )
 
 
@@ -145,6 +163,14 @@ def _check_pooler(flat: dict, cfg) -> None:
         raise ValueError(f"{POOLER_FILE} does not fit the model: " + "; ".join(bad))
 
 
+def _given_heads(model_cfg):
+    """(vision_heads, text_heads) of a given model config: files do not record them."""
+    if model_cfg is None:
+        return None
+    given = resolve_model_config(model_cfg)
+    return given.vision_heads, given.text_heads
+
+
 def import_pretrained(spec: str, model_cfg=None, *, rng=None, step=None):
     """(params, model_cfg, not_provided): numpy params for `model_cfg` (default: the checkpoint's
     own shapes), with the names of the parameters that were freshly initialised.
@@ -169,22 +195,26 @@ def import_pretrained(spec: str, model_cfg=None, *, rng=None, step=None):
         if os.path.isfile(pooler_path):
             flat = read_safetensors(pooler_path)
             pooler_flat = {k.removeprefix("pooler/"): v for k, v in flat.items()}
+    elif kind == "bclip":
+        raw, _ = read_bclip_checkpoint(path)
+        ckpt_cfg = _cfg_dict(variant_from_bclip_state_dict(raw, _given_heads(model_cfg)))
     else:
         raw = read_openai_state_dict(path)
-        heads = None
-        if model_cfg is not None:
-            given = resolve_model_config(model_cfg)
-            heads = (given.vision_heads, given.text_heads)
-        ckpt_cfg = _cfg_dict(variant_from_openai_state_dict(raw, heads))
+        ckpt_cfg = _cfg_dict(variant_from_openai_state_dict(raw, _given_heads(model_cfg)))
         state = openai_to_hf_state_dict(raw)
 
     cfg = resolve_model_config(ckpt_cfg if model_cfg is None else model_cfg)
-    # Head counts leave no trace in tensor shapes, so a wrong one would load silently.
+    # Head counts leave no trace in tensor shapes, so a wrong one would load silently. The
+    # official pooler always has 8 heads, so a bclip file fixes pooler_heads too.
+    fields = _HEADS + (("pooler_heads",) if kind == "bclip" else ())
     wrong = [
-        f"{f}: checkpoint {ckpt_cfg[f]} vs model {cfg[f]}" for f in _HEADS if cfg[f] != ckpt_cfg[f]
+        f"{f}: checkpoint {ckpt_cfg[f]} vs model {cfg[f]}" for f in fields if cfg[f] != ckpt_cfg[f]
     ]
     if wrong:
         raise ValueError(f"{spec} has other attention heads than the model: " + "; ".join(wrong))
+    if kind == "bclip":
+        state, pooler = bclip_to_hf_state_dict(raw, cfg)
+        pooler_flat = _flatten(pooler)
     state = adapt_text_positions(state, cfg.context_length, keep=STRETCH_KEEP)
     params = hf_state_dict_to_flax(state, cfg)
 

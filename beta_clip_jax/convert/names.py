@@ -178,7 +178,7 @@ def _entries_for(cfg):
 
 
 def expected_flax_shapes(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Flax path -> shape for every tabled parameter of the model `cfg` builds."""
+    """Flax path -> shape for every parameter of TABLE and POOLER_TABLE the model `cfg` builds."""
     return dict(_model_shapes(tuple((f, cfg[f]) for f in SHAPE_FIELDS)))
 
 
@@ -190,11 +190,8 @@ def _model_shapes(shape_cfg: tuple) -> tuple:
     cfg = resolve_model_config(dict(shape_cfg, variant="shapes"))
     tree = param_shapes(build_model(cfg))
     out = {}
-    for e in _entries_for(cfg):
-        node = tree
-        for k in e.flax:
-            node = node[k]
-        out[e.flax] = tuple(node.shape)
+    for e in (*_entries_for(cfg), *POOLER_TABLE):
+        out[e.flax] = tuple(_get(tree, e.flax).shape)
     return tuple(out.items())
 
 
@@ -211,14 +208,32 @@ def expected_hf_shapes(cfg) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def expected_pooler_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """BetaCLIPPooler state_dict key -> shape for the pooler `cfg` builds (q, k, v fused)."""
+    flax_shapes = expected_flax_shapes(cfg)
+    out: dict[str, tuple[int, ...]] = {}
+    for e in POOLER_TABLE:
+        shape = _HF_SHAPES[e.kind](flax_shapes[e.flax])
+        if e.part:  # later parts of a fused tensor stack on axis 0
+            shape = (out[e.hf][0] + shape[0],) + shape[1:]
+        out[e.hf] = shape
+    return out
+
+
 def _describe(names: list[str], limit: int = 25) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def check_state_dict(state_dict: Mapping[str, Any], cfg, what: str = "checkpoint") -> None:
-    """Raises ValueError naming every missing, unexpected and wrongly shaped tensor."""
-    expected = expected_hf_shapes(cfg)
+def check_state_dict(
+    state_dict: Mapping[str, Any], cfg, what: str = "checkpoint", expected=None
+) -> None:
+    """Raises ValueError naming every missing, unexpected and wrongly shaped tensor.
+
+    `expected` (key -> shape) defaults to the HF layout of `cfg`; a converter checking a file in
+    its own layout, so that the error names the file's keys, passes that layout's shapes.
+    """
+    expected = expected_hf_shapes(cfg) if expected is None else expected
     given = {
         k: tuple(np.shape(v)) for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)
     }

@@ -3,6 +3,10 @@
 77 rows -> 248: rows 0..19 are kept; rows 20..76 are linearly interpolated at ratio 4, filling
 rows 20..243; the last 4 rows extrapolate the final step (P[76] - P[75]). The kept rows are the
 well-trained short positions, so short texts embed as before.
+
+Long-CLIP and β-CLIP training checkpoints hold two stretched tables, a frozen one whose first 20
+rows are used and a trained one (`positional_embedding_res`) used from row 20 on;
+`effective_text_positions` merges them into the single table our model holds.
 """
 
 from collections.abc import Mapping
@@ -11,9 +15,24 @@ from typing import Any
 import numpy as np
 
 TEXT_POSITIONS_KEY = "text_model.embeddings.position_embedding.weight"
+# The trained copy's name in Long-CLIP and β-CLIP files (the frozen one is positional_embedding).
+RES_POSITIONS_KEY = "positional_embedding_res"
+# Rows kept from the 77-row table and, in two-table files, taken from the frozen copy.
+KEEP = 20
 
 
-def stretch_positions(table: np.ndarray, target: int = 248, keep: int = 20) -> np.ndarray:
+def effective_text_positions(frozen, res, keep: int = KEEP) -> np.ndarray:
+    """Rows 0..keep-1 of the frozen table, rows keep.. of the trained one (float32)."""
+    frozen, res = np.asarray(frozen, np.float32), np.asarray(res, np.float32)
+    if frozen.shape != res.shape or frozen.ndim != 2:
+        raise ValueError(
+            f"positional tables differ: positional_embedding {frozen.shape} vs "
+            f"{RES_POSITIONS_KEY} {res.shape}"
+        )
+    return np.concatenate([frozen[:keep], res[keep:]], axis=0)
+
+
+def stretch_positions(table: np.ndarray, target: int = 248, keep: int = KEEP) -> np.ndarray:
     """[N, D] -> [target, D]; target must be keep + (N - keep) * ratio for an integer ratio."""
     table = np.asarray(table, dtype=np.float32)
     n = table.shape[0]
@@ -33,7 +52,7 @@ def stretch_positions(table: np.ndarray, target: int = 248, keep: int = 20) -> n
 
 
 def adapt_text_positions(
-    state_dict: Mapping[str, Any], context_length: int, keep: int = 20
+    state_dict: Mapping[str, Any], context_length: int, keep: int = KEEP
 ) -> dict[str, Any]:
     """Stretches the HF text positional table when the model asks for a longer context.
 
