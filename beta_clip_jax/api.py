@@ -18,6 +18,9 @@ from beta_clip_jax.models.clip import BetaCLIP, build_model, normalize_images
 
 _log = logging.getLogger(__name__)
 
+# Over-long texts: "eot" keeps EOT in the last position (our tokenizer's rule, Long-CLIP's);
+# "cut" is the β-CLIP reference evaluators' plain cut, for reproducing their numbers.
+TRUNCATIONS = ("eot", "cut")
 # Text lengths are trimmed to the smallest of these that holds the batch (then the context
 # length): exact under causal attention with EOT pooling, and it bounds the number of compiles.
 _TEXT_BUCKETS = (16, 32, 64, 128)
@@ -30,7 +33,19 @@ def _l2(x: jax.Array) -> jax.Array:
 class Encoder:
     """Embeds images and texts with one BetaCLIP model; all outputs are numpy float32."""
 
-    def __init__(self, model: BetaCLIP, params, tokenizer=None, *, batch_size: int = 32, mesh=None):
+    def __init__(
+        self,
+        model: BetaCLIP,
+        params,
+        tokenizer=None,
+        *,
+        batch_size: int = 32,
+        mesh=None,
+        truncation: str = "eot",
+    ):
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+        self.truncation = truncation
         model = float32_model(model)
         self.model = model
         self.params = params
@@ -102,8 +117,11 @@ class Encoder:
         return self._tokenizer
 
     def tokenize(self, texts: list[str]) -> np.ndarray:
-        """int32 [N, context_length]: SOT + BPE + EOT, zero-padded."""
-        return np.asarray(self.tokenizer.encode(list(texts), self.context_length), np.int32)
+        """int32 [N, context_length]: SOT + BPE + EOT, zero-padded; over-long texts cut as
+        `truncation` says."""
+        keep_eot = self.truncation == "eot"
+        ids = self.tokenizer.encode(list(texts), self.context_length, keep_eot=keep_eot)
+        return np.asarray(ids, np.int32)
 
     def _images(self, images) -> np.ndarray:
         images = np.asarray(images)
@@ -184,14 +202,25 @@ def float32_model(model: BetaCLIP) -> BetaCLIP:
     return build_model(items)
 
 
-def load(path: str, *, tokenizer=None, batch_size: int = 32, model_cfg=None) -> Encoder:
-    """An Encoder from a workdir, an exported directory, a HF CLIP directory or `hf:`/`openai:`.
+def load(
+    path: str,
+    *,
+    tokenizer=None,
+    batch_size: int = 32,
+    model_cfg=None,
+    truncation: str = "eot",
+) -> Encoder:
+    """An Encoder from a workdir, an exported directory, a HF CLIP directory, or a
+    `hf:` / `openai:` / `bclip:` spec (an official β-CLIP checkpoint).
 
     `model_cfg` (optional) overrides the checkpoint's own config, e.g. context_length=248.
+    `truncation` ("eot" | "cut") is how over-long texts are cut (see TRUNCATIONS).
     """
     kind, where = parse_spec(path)
     params, cfg, not_provided = import_pretrained(f"{kind}:{where}", model_cfg)
     if not_provided:
         _log.warning("%s has no pooler weights; conditioned_embeddings uses a random pooler", path)
     model = build_model(cfg)
-    return Encoder(model, jax.device_put(params), tokenizer, batch_size=batch_size)
+    return Encoder(
+        model, jax.device_put(params), tokenizer, batch_size=batch_size, truncation=truncation
+    )

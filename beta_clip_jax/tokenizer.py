@@ -145,11 +145,14 @@ class Tokenizer:
             ids.extend(self._word_ids(word))
         return ids
 
-    def encode(self, texts: str | Sequence[str], length: int = DEFAULT_LENGTH) -> np.ndarray:
+    def encode(
+        self, texts: str | Sequence[str], length: int = DEFAULT_LENGTH, *, keep_eot: bool = True
+    ) -> np.ndarray:
         """Tokenise texts to int32 `[N, length]`: SOT + ids + EOT, zero padded.
 
         Over-long texts are cut to `length` with EOT forced into the last position (Long-CLIP
-        style; the reference code omits this EOT).
+        style). `keep_eot=False` is the β-CLIP reference tokenizer's plain cut: the row then has
+        no EOT and a model pooling at argmax(ids) reads whichever token has the largest id.
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -160,7 +163,8 @@ class Tokenizer:
             ids = [SOT, *self.encode_one(text), EOT]
             if len(ids) > length:
                 ids = ids[:length]
-                ids[-1] = EOT
+                if keep_eot:
+                    ids[-1] = EOT
             out[row, : len(ids)] = ids
         return out
 

@@ -179,3 +179,22 @@ def test_raw_dense_features_and_float32_evaluation(tiny):
     np.testing.assert_allclose(raw, ref, atol=1e-4)
     assert np.abs(np.linalg.norm(raw, axis=-1) - 1).max() > 1e-2  # really not normalised
     np.testing.assert_allclose(encoder.embed_images(images), bf16.embed_images(images), atol=1e-6)
+
+
+def test_reference_truncation_cuts_without_eot(tiny):
+    """truncation="cut" tokenises an over-long text as the reference evaluators do (no EOT);
+    the model then pools at the largest id, as argmax(ids) pooling does."""
+    _, path = tiny
+    cut = api.load(path, batch_size=4, truncation="cut")
+    eot = api.load(path, batch_size=4)
+    long_text = ["zebra " * 100, "a cat"]
+    tokens = cut.tokenize(long_text)
+    assert tokens[0, -1] != 49407 and 49407 not in tokens[0]
+    assert eot.tokenize(long_text)[0, -1] == 49407
+    np.testing.assert_array_equal(tokens[1], eot.tokenize(long_text)[1])
+    emb = cut.embed_texts(long_text)
+    np.testing.assert_allclose(emb, cut.embed_tokens(tokens), atol=1e-6)
+    assert np.abs(emb[0] - eot.embed_texts(long_text)[0]).max() > 1e-3
+    np.testing.assert_allclose(emb[1], eot.embed_texts(long_text)[1], atol=1e-6)
+    with pytest.raises(ValueError, match="truncation"):
+        api.load(path, truncation="drop")
