@@ -179,6 +179,17 @@ def test_roi_align_matches_reference(out_size, scale, ratio, aligned):
         np.testing.assert_allclose(got[b], ref, rtol=1e-10, atol=1e-12)
 
 
+def test_box_features_whole_image_box_on_333_pixels():
+    """A box over a whole 500 x 333 image is x / W * 14 = 14 on both axes, as the reference
+    computes it; 333 * (14 / 333) is 14.000000000000002 in float64, which ceil() would turn into
+    15 sample rows. With 14 x 14 aligned samples at the cell centres, the box vector is the mean
+    of all cells."""
+    grid = np.random.default_rng(3).normal(size=(14, 14, 6)).astype(np.float32)
+    vec = box_features(grid, np.array([[0.0, 0.0, 500.0, 333.0]]), (333, 500))[0]
+    mean = grid.reshape(-1, 6).mean(0)
+    np.testing.assert_allclose(vec, mean / np.linalg.norm(mean), atol=1e-6)
+
+
 def test_box_features_scales_boxes_per_axis():
     # 4x4 grid: columns 0-1 carry e0, columns 2-3 e1 in rows 0-1, and e2 in rows 2-3.
     grid = np.zeros((4, 4, 3))

@@ -152,7 +152,11 @@ def scores_per_item(
     scores = np.zeros((len(refs), width), np.float32)
     valid = np.zeros((len(refs), width), bool)
     for n, ref in enumerate(refs):
-        scores[n, : len(ref)] = text_emb[list(ref)] @ queries[n]
+        # One product per distinct text: a text repeated in a list (FG-OVD has positives among
+        # their own negatives) then gets bit-identical scores, so the tie rule decides, not the
+        # rounding a matrix product gives each row position.
+        distinct, where = np.unique(np.asarray(ref), return_inverse=True)
+        scores[n, : len(ref)] = (text_emb[distinct] @ queries[n])[where]
         valid[n, : len(ref)] = True
     return scores, valid
 

@@ -8,7 +8,10 @@ rule in NumPy so no torchvision is needed:
 * each output bin averages grid_h x grid_w bilinear samples at the centres of a regular sub-grid,
   with grid = sampling_ratio, or ceil(roi size / output size) when sampling_ratio <= 0;
 * a sample with y < -1 or y > H (same for x) contributes zero; otherwise coordinates are clamped
-  to [0, H-1] before bilinear interpolation.
+  to [0, H-1] before bilinear interpolation;
+* the arithmetic runs in the features' precision, as torchvision's kernel does: the number of
+  samples is a ceil() of a box size, so a box edge at 14 that float64 computes as
+  14.000000000000002 would take 15 samples instead of 14 and move the box vector by ~1e-4.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def _bilinear(features: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarra
         low = np.where(at_edge, size - 1, low)
         high = np.where(at_edge, size - 1, low + 1)
         c = np.where(at_edge, low.astype(c.dtype), c)
-        frac = c - low
+        frac = c - low.astype(c.dtype)
         return low, high, (1.0 - frac) * inside, frac * inside
 
     y0, y1, wy0, wy1 = axis_weights(ys, height)
@@ -54,37 +57,40 @@ def roi_align(
 ) -> np.ndarray:
     """Pool boxes from features [H, W, C]; boxes [N, 4] as (x1, y1, x2, y2) in input coordinates.
 
-    Returns [N, out_h, out_w, C] in float64 (callers cast); spatial_scale maps box coordinates to
-    grid cells, as in torchvision.
+    Returns [N, out_h, out_w, C] in the features' float dtype (float64 for integer features);
+    spatial_scale maps box coordinates to grid cells, as in torchvision.
     """
-    features = np.asarray(features, np.float64)
+    features = np.asarray(features)
+    dt = features.dtype if np.issubdtype(features.dtype, np.floating) else np.dtype(np.float64)
+    features = features.astype(dt, copy=False)
     if features.ndim != 3:
         raise ValueError(f"features must be [H, W, C], got shape {features.shape}")
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    boxes = np.asarray(boxes, dt).reshape(-1, 4)
     out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
     channels = features.shape[2]
-    offset = 0.5 if aligned else 0.0
-    out = np.zeros((len(boxes), out_h, out_w, channels), np.float64)
+    offset, scale = dt.type(0.5 if aligned else 0.0), dt.type(spatial_scale)
+    out = np.zeros((len(boxes), out_h, out_w, channels), dt)
     for n, (x1, y1, x2, y2) in enumerate(boxes):
-        start_x, start_y = x1 * spatial_scale - offset, y1 * spatial_scale - offset
-        roi_w = x2 * spatial_scale - offset - start_x
-        roi_h = y2 * spatial_scale - offset - start_y
+        start_x, start_y = x1 * scale - offset, y1 * scale - offset
+        roi_w = x2 * scale - offset - start_x
+        roi_h = y2 * scale - offset - start_y
         if not aligned:
             # Legacy behaviour: malformed boxes are forced to 1x1.
-            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
-        bin_h, bin_w = roi_h / out_h, roi_w / out_w
-        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / out_h)
-        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / out_w)
+            roi_w, roi_h = max(roi_w, dt.type(1.0)), max(roi_h, dt.type(1.0))
+        bin_h, bin_w = roi_h / dt.type(out_h), roi_w / dt.type(out_w)
+        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / dt.type(out_h))
+        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / dt.type(out_w))
         if grid_h <= 0 or grid_w <= 0:
             continue  # An empty box: torchvision averages no samples and returns zeros.
-        # Sample coordinates for every output bin: [out, grid] flattened in bin-major order.
-        sub_y = (np.arange(grid_h) + 0.5) * bin_h / grid_h
-        sub_x = (np.arange(grid_w) + 0.5) * bin_w / grid_w
-        ys = (start_y + np.arange(out_h)[:, None] * bin_h + sub_y[None, :]).ravel()
-        xs = (start_x + np.arange(out_w)[:, None] * bin_w + sub_x[None, :]).ravel()
+        # Sample coordinates for every output bin: [out, grid] flattened in bin-major order,
+        # each start + bin * b + (i + 0.5) * bin / grid, in torchvision's order of operations.
+        sub_y = (np.arange(grid_h, dtype=dt) + dt.type(0.5)) * bin_h / dt.type(grid_h)
+        sub_x = (np.arange(grid_w, dtype=dt) + dt.type(0.5)) * bin_w / dt.type(grid_w)
+        ys = (start_y + np.arange(out_h, dtype=dt)[:, None] * bin_h + sub_y[None, :]).ravel()
+        xs = (start_x + np.arange(out_w, dtype=dt)[:, None] * bin_w + sub_x[None, :]).ravel()
         samples = _bilinear(features, ys, xs)
         samples = samples.reshape(out_h, grid_h, out_w, grid_w, channels)
-        out[n] = samples.sum(axis=(1, 3)) / (grid_h * grid_w)
+        out[n] = samples.sum(axis=(1, 3)) / dt.type(grid_h * grid_w)
     return out
 
 
@@ -99,10 +105,19 @@ def box_features(
     grid_h, grid_w = grid.shape[:2]
     img_h, img_w = image_hw
     b = np.asarray(boxes_xywh, np.float64).reshape(-1, 4)
-    sx, sy = grid_w / img_w, grid_h / img_h
+    # x / W * g, in this order (the reference's), then float32 like its box tensor: 500 * (14 /
+    # 500) is 14.000000000000002 in float64, which ceil() turns into an extra row of samples.
     xyxy = np.stack(
-        [b[:, 0] * sx, b[:, 1] * sy, (b[:, 0] + b[:, 2]) * sx, (b[:, 1] + b[:, 3]) * sy], axis=1
-    )
+        [
+            b[:, 0] / img_w * grid_w,
+            b[:, 1] / img_h * grid_h,
+            (b[:, 0] + b[:, 2]) / img_w * grid_w,
+            (b[:, 1] + b[:, 3]) / img_h * grid_h,
+        ],
+        axis=1,
+    ).astype(np.float32)
+    grid = np.asarray(grid, np.float32)
     pooled = roi_align(grid, xyxy, output_size=1, spatial_scale=1.0, sampling_ratio=-1)[:, 0, 0]
+    pooled = pooled.astype(np.float64)
     norm = np.linalg.norm(pooled, axis=1, keepdims=True)
     return (pooled / np.maximum(norm, 1e-12)).astype(np.float32)
