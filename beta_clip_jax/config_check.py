@@ -1,6 +1,6 @@
 """Checks that a config can work on this machine, before anything is compiled.
 
-Each error names the numbers involved (design.md section 5).
+Each error names the numbers involved, so the user can see what to change without a traceback.
 """
 
 from __future__ import annotations

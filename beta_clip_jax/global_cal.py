@@ -9,7 +9,8 @@ round a ring of devices (`jax.lax.ppermute` inside `jax.shard_map` over the batc
 * T->I (rows = texts): the column log-sum-exp of each visiting text block is accumulated in a
   buffer that travels with the block and is complete when the block is home again;
 * the positive (same-image) terms are local, because an image's K slots live on one device;
-* BCE sums weight * loss over every block (L_T->I equals L_I->T exactly, spec 2.4).
+* BCE sums weight * loss over every block (its targets and weights are symmetric, so
+  L_T->I equals L_I->T exactly).
 
 The ring is a `jax.custom_vjp` (as in ring attention): its residuals are only this device's v,
 t, masks, scale and the final row and column log-sum-exps, and its backward pass runs the ring

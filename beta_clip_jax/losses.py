@@ -1,8 +1,9 @@
-"""Contrastive losses: β-CAL (spec section 2.3-2.4), CLIP InfoNCE (2.6) and SigLIP (baseline).
+"""Contrastive losses: β-CAL (CE and BCE), CLIP InfoNCE and SigLIP (baseline).
 
 All are pure functions `(...) -> (loss, metrics)` with scalar metrics. Embeddings are L2-normalised
 inside, and all logit, softmax and loss math runs in at least float32 whatever the input dtype
-(float64 inputs stay float64, which the gradient tests use).
+(float64 inputs stay float64, which the gradient tests use). docs/methods.md (β-CLIP itself)
+writes out the β-CAL and InfoNCE equations.
 """
 
 import jax

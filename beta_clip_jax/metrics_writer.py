@@ -1,7 +1,7 @@
 """Metrics to metrics.jsonl and TensorBoard in the workdir, and a progress line on the console.
 
 Only process 0 writes files; every process may log. Keys are prefixed train/, eval/<dataset>/,
-perf/ and data/ (design.md section 3).
+perf/ and data/ (docs/CONTRACTS.md, The workdir).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The training objective from model outputs (CONTRACTS.md) and `config.loss`.
 
-L = global_weight * L_global + cal_weight * L_βCAL (spec section 2.1). The global CLS↔caption
-InfoNCE runs over the whole batch; β-CAL runs independently inside each group of
-`group_size` images, so its value does not depend on how the batch is sharded (design.md 4).
+L = global_weight * L_global + cal_weight * L_βCAL, both weights 1 in the released recipe
+(docs/methods.md). The global CLS↔caption InfoNCE runs over the whole batch; β-CAL runs
+independently inside each group of `group_size` images (the reference's per-GPU micro-batch),
+so its value does not depend on how the batch is sharded.
 """
 
 import math
@@ -71,7 +72,8 @@ def _clamp_leaf(x):
 def clamp_log_temperatures(params):
     """Returns params with logit_scale and pooler/logit_scale clamped to [0, ln 100].
 
-    The reference clamps both after every optimiser step (spec 1.6); the trainer calls this then.
+    The reference clamps both after every optimiser step, so each scale stays in [1, 100]; the
+    trainer calls this then.
     """
     out = dict(params)
     out["logit_scale"] = _clamp_leaf(params["logit_scale"])

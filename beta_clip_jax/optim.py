@@ -22,7 +22,7 @@ NO_DECAY_NAMES = frozenset({"bias", "scale", "logit_scale", "logit_bias"})
 
 
 def optim_defaults() -> ml_collections.ConfigDict:
-    """The reference's AdamW groups (spec/beta_clip.md section 4)."""
+    """The reference's two AdamW groups and schedules (docs/methods.md, β-CLIP itself)."""
     return ml_collections.ConfigDict(
         {
             "lr": 1e-5,

@@ -6,7 +6,8 @@ regex, ftfy + HTML clean-up, lower-casing) is implemented here so no network or 
 
 Divergence from the beta-CLIP reference code: a text longer than `length` is cut and its LAST
 position is set to EOT (as Long-CLIP's tokenizer does). The reference code cuts without EOT, so
-argmax pooling then picks an arbitrary token; see spec section 1.3.
+argmax pooling then lands on the largest id left (the start token) instead of the text's end.
+`keep_eot=False` reproduces the reference cut for its evaluation numbers (docs/evals.md).
 """
 
 from __future__ import annotations

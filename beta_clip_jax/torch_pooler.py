@@ -1,5 +1,5 @@
 """PyTorch side of an export: beta-CLIP's dense patch path and text-conditioned pooler on top of a
-`transformers.CLIPModel` (spec sections 1.2 and 1.5).
+`transformers.CLIPModel` (docs/export.md, docs/methods.md).
 
 CLIPModel already gives the standard image embedding (CLS) and text embedding. What it lacks:
 

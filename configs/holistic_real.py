@@ -8,12 +8,13 @@
 
 Data: our JSONL with the M texts of an image as "sentences" in a FIXED order, e.g.
 `{"image": "x.jpg", "caption": "<web caption>", "sentences": ["<web caption>", "<detailed>",
-"<nouns>", "<background>", "<main object>"]}` (spec c.2: M = 5). data.max_sentences is M + 1 so
-that the M texts keep their order (with exactly max_sentences texts the hierarchy samples them
-in random order); slot 0 is then their ". "-joined concatenation, slots 1..M the texts, slot M+1
-padding. K = M + 1 branches pair with the slots one-to-one (loss.holistic.pairing "auto").
-Recipe (spec c.6): global batch 2048, lr 5e-4, 2000 warm-up steps, cosine, weight decay 0.2,
-AdamW (0.9, 0.98, eps 1e-6), 100 epochs, 77-token text, no pretrained weights.
+"<nouns>", "<background>", "<main object>"]}` (the paper's M = 5 texts per image).
+data.max_sentences is M + 1 so that the M texts keep their order (with exactly max_sentences
+texts the hierarchy samples them in random order); slot 0 is then their ". "-joined
+concatenation, slots 1..M the texts, slot M+1 padding. K = M + 1 branches pair with the slots
+one-to-one (loss.holistic.pairing "auto").
+Recipe (the released train.sh): global batch 2048, lr 5e-4, 2000 warm-up steps, cosine, weight
+decay 0.2, AdamW (0.9, 0.98, eps 1e-6), 100 epochs, 77-token text, no pretrained weights.
 Evaluation fuses the branches (mean) for COCO / Flickr30k retrieval and ImageNet zero-shot.
 """
 

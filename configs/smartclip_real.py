@@ -7,7 +7,7 @@
         --config.evals.urban1k.root=/data/Urban1k \
         --config.evals.sv1k.json_path=$JSON --config.evals.sv1k.image_root=$SV/images
 
-Recipe (spec/other_seeds.md a.4, Long-CLIP's where SmartCLIP's is unknown): batch 1024 (4
+Recipe (SmartCLIP's published setup, Long-CLIP's where SmartCLIP's is unknown): batch 1024 (4
 micro-batches of 256), AdamW (0.9, 0.999, eps 1e-8), weight decay 0.01, towers lr 1e-6 with 200
 warm-up steps, mask head lr 1e-3 (the head group: optim.pooler_lr), 6 epochs, 248-token text
 (positions stretched from 77). The texts of an image are its caption and up to 5 of its

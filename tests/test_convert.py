@@ -134,7 +134,7 @@ def test_torchscript_reader_runs_no_code(tmp_path):
 
 
 def _stretch_reference(p):
-    """Spec 1.3, written out row by row."""
+    """Long-CLIP stretching (convert/positions.py), written out row by row."""
     out = np.zeros((248, p.shape[1]), np.float64)
     out[:20] = p[:20]
     for i in range(56):

@@ -1,4 +1,5 @@
-"""IsoCLIP: the filter vs the spec's W-orientation equations, identity band, bias path, metrics."""
+"""IsoCLIP: the filter vs the official code's W-orientation equations, identity band, bias path,
+metrics."""
 
 import flax.linen as nn
 import numpy as np
@@ -16,7 +17,8 @@ def _kernels(d_v=12, d_t=8, d=8, seed=0):
 
 
 def _np_iso(w_i, w_t, k_top, k_bottom):
-    """Spec b.3 literally: W maps feature -> embedding; Psi = W_i^T W_t; W_hat = W U_k U_k^T."""
+    """The official construction literally: W maps feature -> embedding; Psi = W_i^T W_t;
+    W_hat = W U_k U_k^T."""
     psi = w_i.T @ w_t
     u, s, vt = np.linalg.svd(psi, full_matrices=False)
     r = len(s)

@@ -1,4 +1,4 @@
-"""Losses against float64 NumPy loops written from spec sections 2.3, 2.4, 2.6, plus limits."""
+"""Losses against float64 NumPy loops written from the equations (docs/methods.md), plus limits."""
 
 import math
 
@@ -21,7 +21,7 @@ def _softplus(x):
 
 
 def ref_beta_cal(visual, text, valid, s, beta, mode, alpha=1.0, mask_padding=True):
-    """Entry-by-entry transcription of the spec's equations, float64."""
+    """Entry-by-entry transcription of the β-CAL equations (docs/methods.md), float64."""
     b, k, d = visual.shape
     n = b * k
     v = _unit(np.asarray(visual, np.float64).reshape(n, d))
@@ -215,7 +215,7 @@ def test_ce_loss_is_at_least_target_entropy(beta):
         for s in (1.0, 30.0, 100.0):
             loss, met = losses.beta_cal(visual, text, valid, s, beta=beta, mode="ce")
             assert float(loss) >= float(met["target_entropy"]) - 1e-6
-    # The spec's worked example: 36 valid texts, β = 0.5 -> floor 3.574 nats.
+    # The worked example of docs/methods.md: 36 valid texts, β = 0.5 -> floor 3.574 nats.
     x = np.random.default_rng(0).normal(size=(2, 36, 8)).astype(np.float32)
     _, met = losses.beta_cal(x, x, np.ones((2, 36), bool), 1.0, beta=0.5, mode="ce")
     np.testing.assert_allclose(float(met["target_entropy"]), 3.574, atol=1e-3)

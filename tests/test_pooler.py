@@ -31,7 +31,8 @@ def _inputs(seed=1):
 
 
 class _TorchPooler(torch.nn.Module):
-    """The reference block written directly from spec 1.5 with PyTorch building blocks."""
+    """The reference block written directly from its equations (docs/methods.md) with PyTorch
+    building blocks."""
 
     def __init__(self, e, h, m):
         super().__init__()

@@ -1,4 +1,4 @@
-"""SmartCLIP: loss vs a float64 NumPy loop of the spec's equations, straight-through mask, head."""
+"""SmartCLIP: loss vs a float64 NumPy loop of its equations, straight-through mask, head."""
 
 import flax.linen as nn
 import jax

@@ -73,7 +73,7 @@ __all__ = [
 
 POOLER_FILE = "beta_clip_pooler.safetensors"
 META_FILE = "beta_clip_meta.json"
-# Rows of the 77-row table that Long-CLIP stretching keeps as they are (spec 1.3).
+# Rows of the 77-row table that Long-CLIP stretching keeps as they are (convert/positions.py).
 STRETCH_KEEP = KEEP
 _HEADS = ("vision_heads", "text_heads")
 

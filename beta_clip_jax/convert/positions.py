@@ -1,4 +1,4 @@
-"""Long-CLIP "knowledge-preserved stretching" of the text positional table (spec 1.3).
+"""Long-CLIP "knowledge-preserved stretching" of the text positional table.
 
 77 rows -> 248: rows 0..19 are kept; rows 20..76 are linearly interpolated at ratio 4, filling
 rows 20..243; the last 4 rows extrapolate the final step (P[76] - P[75]). The kept rows are the

@@ -6,9 +6,9 @@ object has a size (small/large), a colour, a shape and a position; within one sc
 are all different and the shapes are all different, so each object has a unique description.
 
 Texts: one sentence per object ("a large red circle in the top left"), the caption = sentences
-joined with ". " (spec 3.2), and phrases like spaCy noun chunks / spatial spans ("a large red
-circle", "red circle", "circle in the top left", "large circle"), grouped by kind so truncation to
-the first K phrases still covers every object.
+joined with ". " (as the training texts are, docs/data.md), and phrases like spaCy noun chunks /
+spatial spans ("a large red circle", "red circle", "circle in the top left", "large circle"),
+grouped by kind so truncation to the first K phrases still covers every object.
 
 Evaluation negatives (FG-OVD style, per box; the positive is the box text "a {size} {colour}
 {shape}"; position is left out because the box fixes it). Each difficulty gives exactly

@@ -100,7 +100,7 @@ def box_features(
     """FG-OVD box vectors: boxes (x, y, w, h) in original image pixels -> L2-normalised [N, C].
 
     The box is mapped to grid units (x * gw / W, y * gh / H, ...) and pooled 1x1 with aligned,
-    adaptive sampling, exactly the recipe of evals.md 2.4 and beta_clip.md 5.1.
+    adaptive sampling, exactly the official FG-OVD evaluator's recipe (docs/evals.md, FG-OVD).
     """
     grid_h, grid_w = grid.shape[:2]
     img_h, img_w = image_hw

@@ -1,4 +1,4 @@
-"""The other methods the trainer carries as config options (spec/other_seeds.md).
+"""The other methods the trainer carries as config options (docs/methods.md).
 
 - `smartclip`: caption-conditioned mask head and the modular contrastive loss.
 - `isoclip`: training-free spectral filter of the two projections, intra-modal metrics.

@@ -1,6 +1,6 @@
 """Holistic CLIP: K image embeddings per image, M captions per image, multi-to-multi loss.
 
-Spec: spec/other_seeds.md section (c). Pieces:
+docs/methods.md has the options, commands and caveats. Pieces:
 
 - `m2m_loss`: per caption slot m, a CLIP loss between slot m's captions and one image branch.
   Branch choice per (image, slot), as in the released code: slot m uses branch m when K = M

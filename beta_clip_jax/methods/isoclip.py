@@ -1,9 +1,9 @@
 """IsoCLIP: training-free spectral filtering of the projections for intra-modal use.
 
-Spec: spec/other_seeds.md section (b). With Flax kernels K_img `(d_v, d)` and K_txt `(d_t, d)`
-(so z = f @ K), the inter-modal operator is Psi = K_img @ K_txt^T `(d_v, d_t)`. Its thin SVD
-U S V^T splits into a steep top band, a flat middle band and a collapsing bottom band; keeping
-only the middle columns j in [k_top, r - k_bottom) gives U_k, V_k and the filtered kernels
+docs/methods.md has the options and commands. With Flax kernels K_img `(d_v, d)` and K_txt
+`(d_t, d)` (so z = f @ K), the inter-modal operator is Psi = K_img @ K_txt^T `(d_v, d_t)`. Its
+thin SVD U S V^T splits into a steep top band, a flat middle band and a collapsing bottom band;
+keeping only the middle columns j in [k_top, r - k_bottom) gives U_k, V_k and the filtered kernels
 
     K_img_iso = U_k U_k^T K_img,    K_txt_iso = V_k V_k^T K_txt     (shapes unchanged)
 

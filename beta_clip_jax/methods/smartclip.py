@@ -1,4 +1,4 @@
-"""SmartCLIP: a caption-conditioned binary mask over image-embedding dims (spec/other_seeds.md a).
+"""SmartCLIP: a caption-conditioned binary mask over image-embedding dims (docs/methods.md).
 
 Each caption t picks, through a small mask network, the subset m(t) of the d joint-embedding
 dims it speaks about; the image embedding is compared with the caption only on that subset.
@@ -8,17 +8,21 @@ The mask network is used in training only: at inference CLIP is used unchanged.
 the sigmoid in the backward pass (straight-through). `smartclip_loss` is the modular
 contrastive loss on masked image embeddings plus the L1 sparsity term.
 
-Choices of ours where the spec marks the source as unknown or reconstructed:
-- The loss is the spec's reconstructed formula. With several captions per image (our caption
-  hierarchy, `[B, K]` slots), it is applied per slot: slot k of image i is scored against
-  slot k of every image, each under its own caption's mask; padded slots are neither queries
-  nor negatives. With K = 1 this is the spec's B x B form exactly.
+Choices of ours where the published sources leave a detail unknown (the paper body was not
+available; secondary sources describe the loss in words):
+- The loss is our reconstruction of that description (`smartclip_loss` writes it out): image i
+  against every caption under that caption's mask, and each caption against every image under
+  its own mask. With several captions per image (our caption hierarchy, `[B, K]` slots), it is
+  applied per slot: slot k of image i is scored against slot k of every image, each under its
+  own caption's mask; padded slots are neither queries nor negatives. With K = 1 this is the
+  single-caption B x B form exactly.
 - `align_weight = 0.5`: with an all-ones mask the contrastive part then equals the usual
   symmetric CLIP loss (the mean of the two directions); the paper reports insensitivity to it.
 - The sparsity term is the mean mask density (L1 divided by d), weighted by
   `sparse_weight = 0.1`: a guess to be swept ({0.01, 0.1, 1}); watch `smartclip_mask_density`.
 - The masked image norm uses sum(z^2 * m), equal to ||z * m||^2 for a binary forward mask, so
-  its straight-through gradient also sees dims that are off (the spec's efficient form).
+  its straight-through gradient also sees dims that are off (the cheap form: three B x B
+  matmuls of depth d, never a B x B x d tensor).
 - Cosines are taken after masking, so masking before or after L2 normalisation is the same.
 - The mask head starts with a zero output kernel and bias `init_bias = 2.0`: every mask is all
   ones at step 0, so fine-tuning starts exactly at plain CLIP and sparsity carves dims away.

@@ -1,4 +1,4 @@
-"""Text-conditioned cross-attention pooler (spec section 1.5).
+"""Text-conditioned cross-attention pooler (docs/methods.md, β-CLIP itself).
 
 Each image's K texts query that image's own patch tokens through one multi-head attention layer
 followed by a pre-LN QuickGELU MLP residual. There is no residual back to the query and no final
