@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from beta_clip_jax.convert import import_pretrained, parse_spec
+from beta_clip_jax.data import packing
 from beta_clip_jax.data.transforms import resize_center_crop
 from beta_clip_jax.models.clip import BetaCLIP, build_model, normalize_images
 
@@ -21,6 +22,8 @@ _log = logging.getLogger(__name__)
 # Over-long texts: "eot" keeps EOT in the last position (our tokenizer's rule, Long-CLIP's);
 # "cut" is the β-CLIP reference evaluators' plain cut, for reproducing their numbers.
 TRUNCATIONS = ("eot", "cut")
+# Packed text rows per encoder call are rounded up to a multiple of this (bounds compiles).
+_ROW_STEP = 4
 # Text lengths are trimmed to the smallest of these that holds the batch (then the context
 # length): exact under causal attention with EOT pooling, and it bounds the number of compiles.
 _TEXT_BUCKETS = (16, 32, 64, 128)
@@ -72,6 +75,12 @@ class Encoder:
         def encode_text(p, tokens):
             return _l2(model.apply({"params": p}, tokens, method="encode_text"))
 
+        def encode_packed(p, tokens, segments, positions, eot):
+            out = model.apply(
+                {"params": p}, tokens, segments, positions, eot, method="encode_packed_text"
+            )
+            return _l2(out)
+
         def pool(p, images, tokens):
             _, patches = model.apply({"params": p}, normalize_images(images), method="encode_image")
             text = model.apply({"params": p}, tokens, method="encode_text")
@@ -81,6 +90,7 @@ class Encoder:
         # One compiled function per input kind; callers pick an output, the rest stays on device.
         self._image = jax.jit(encode)
         self._text = jax.jit(encode_text)
+        self._text_packed = jax.jit(encode_packed)
         self._pool = jax.jit(pool)
 
     @classmethod
@@ -164,8 +174,30 @@ class Encoder:
         return self.embed_tokens(self.tokenize(texts))
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        """Token ids int32 [N, L] -> [N, E], L2-normalised."""
-        return self._batched(self._text, None, self._trim(np.asarray(tokens, np.int32)))
+        """Token ids int32 [N, L] -> [N, E], L2-normalised.
+
+        Without a mesh the texts of each batch are packed into rows of the context length
+        (data/packing.py: the same numbers, less padding); on a mesh each process pads its own
+        rows, so every process compiles the same shapes."""
+        tokens = np.asarray(tokens, np.int32)
+        if self.mesh is not None or not len(tokens):
+            return self._batched(self._text, None, self._trim(tokens))
+        return np.concatenate(
+            [self._packed_chunk(tokens[s : s + self.batch_size])
+             for s in range(0, len(tokens), self.batch_size)]
+        )  # fmt: skip
+
+    def _packed_chunk(self, tokens: np.ndarray) -> np.ndarray:
+        """[n <= batch_size, L] -> [n, E]: one packed call; the row count is rounded up to a
+        multiple of _ROW_STEP and the text count padded to batch_size, to bound compiles."""
+        length = self.context_length
+        ends = np.argmax(tokens, axis=1) + 1  # argmax pooling reads the first EOT
+        texts = [row[:n] for row, n in zip(tokens, ends, strict=True)]
+        rows = -(-packing.rows_needed([len(t) for t in texts], length) // _ROW_STEP) * _ROW_STEP
+        tok, seg, pos, eot = packing.pack_texts(texts, rows, length)
+        eot = np.concatenate([eot, np.repeat(eot[:1], self.batch_size - len(eot))])
+        out = self._text_packed(self.params, tok[None], seg[None], pos[None], eot[None])
+        return np.asarray(out)[0, : len(texts)]
 
     def dense_features(self, images, normalize: bool = True) -> np.ndarray:
         """uint8 [N, H, W, 3] -> [N, h, w, E] projected patch tokens (value-only last block),

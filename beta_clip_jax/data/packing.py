@@ -106,6 +106,25 @@ def _drop_one_phrase(lengths: np.ndarray, images: np.ndarray, first_phrase: int)
     return b
 
 
+def pack_texts(texts: list[np.ndarray], rows: int, row_length: int):
+    """(tokens, segments, positions [rows, row_length], ends [T]) for texts (each its ids up to
+    its EOT), each text's last token at flat index ends[i]; None when they do not fit."""
+    placed = first_fit([len(t) for t in texts], rows, row_length)
+    if placed is None:
+        return None
+    tokens, segments, positions = (np.zeros((rows, row_length), np.int32) for _ in range(3))
+    ends = np.zeros(len(texts), np.int32)
+    segment = np.zeros(rows, np.int32)
+    for i, (text, (r, off)) in enumerate(zip(texts, placed, strict=True)):
+        n = len(text)
+        segment[r] += 1
+        tokens[r, off : off + n] = text
+        segments[r, off : off + n] = segment[r]
+        positions[r, off : off + n] = np.arange(n)
+        ends[i] = r * row_length + off + n - 1
+    return tokens, segments, positions, ends
+
+
 def pack_batch(
     batch: dict,
     *,
@@ -128,13 +147,13 @@ def pack_batch(
     shape = (len(groups), rows_per_group, row_length)
     tokens, segments, positions = (np.zeros(shape, np.int32) for _ in range(3))
     eot = np.zeros((len(groups), group, k), np.int32)
-    valid = np.array(batch["valid"], bool)
     counts = np.array(batch["_counts"]) if drop_counter is not None else None
     for c, images in enumerate(groups):
         while True:
             slots = [(t, j) for t, b in enumerate(images) for j in np.flatnonzero(lengths[b])]
-            placed = first_fit([int(lengths[images[t], j]) for t, j in slots], *shape[1:])
-            if placed is not None:
+            texts = [_slot_row(levels, images[t], j)[: lengths[images[t], j]] for t, j in slots]
+            packed = pack_texts(texts, rows_per_group, row_length)
+            if packed is not None:
                 break
             b = _drop_one_phrase(lengths, images, first_phrase)
             if b is None:
@@ -144,18 +163,12 @@ def pack_batch(
                 )
             if counts is not None:
                 counts[b, drop_counter] += 1
-        segment = np.zeros(rows_per_group, np.int32)
-        for (t, j), (r, off) in zip(slots, placed, strict=True):
-            b, n = int(images[t]), int(lengths[images[t], j])
-            segment[r] += 1
-            tokens[c, r, off : off + n] = _slot_row(levels, b, int(j))[:n]
-            segments[c, r, off : off + n] = segment[r]
-            positions[c, r, off : off + n] = np.arange(n)
-            eot[c, t, j] = r * row_length + off + n - 1
-        valid[images] &= lengths[images] > 0
+        tokens[c], segments[c], positions[c], ends = packed
+        for (t, j), end in zip(slots, ends, strict=True):
+            eot[c, t, j] = end
     out = {key: v for key, v in batch.items() if key not in TEXT_KEYS}
     out.update(text_tokens=tokens, text_segments=segments, text_positions=positions)
-    out.update(text_eot=eot, valid=valid)
+    out.update(text_eot=eot, valid=np.asarray(batch["valid"], bool) & (lengths > 0))
     if counts is not None:
         out["_counts"] = counts
     return out

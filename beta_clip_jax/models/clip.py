@@ -116,6 +116,11 @@ class BetaCLIP(nn.Module):
         out = self.text(tokens.reshape(-1, tokens.shape[-1]))
         return out.reshape(*lead, out.shape[-1])
 
+    def encode_packed_text(self, tokens, segments, positions, eot) -> jax.Array:
+        """Packed texts (data/packing.py): tokens / segments / positions [G, R, L], eot [G, T]
+        -> [G, T, E], projected, each text read at its own EOT."""
+        return self.text(tokens, segments=segments, positions=positions, eot=eot)
+
     def pool(self, text_emb: jax.Array, patches: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(text [B, K, E], patches [B, P, E]) -> (pooled [B, K, E], attn [B, heads, K, P])."""
         return self.pooler(text_emb, patches)
@@ -127,11 +132,11 @@ class BetaCLIP(nn.Module):
         if "text_tokens" in texts:
             eot = texts["text_eot"]
             g, per_group, k = eot.shape
-            text = self.text(
+            text = self.encode_packed_text(
                 texts["text_tokens"],
-                segments=texts["text_segments"],
-                positions=texts["text_positions"],
-                eot=eot.reshape(g, per_group * k),
+                texts["text_segments"],
+                texts["text_positions"],
+                eot.reshape(g, per_group * k),
             )
             return text.reshape(g * per_group, k, text.shape[-1])
         parts = [self.encode_text(texts["caption"])[:, None], self.encode_text(texts["sentences"])]

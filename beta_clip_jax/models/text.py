@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from beta_clip_jax.models.layers import LayerNorm, block_stack, dense_proj, logical_init
+from beta_clip_jax.models.layers import LayerNorm, block_stack, constrain, dense_proj, logical_init
 
 
 class TextTower(nn.Module):
@@ -90,7 +90,7 @@ class TextTower(nn.Module):
                 pos = jnp.concatenate([jax.lax.stop_gradient(pos[:f]), pos[f:]], axis=0)
             attn = None
         x = jnp.take(tok_table, tokens, axis=0) + pos
-        x = nn.with_logical_constraint(x, ("batch", "length", None))
+        x = constrain(x, ("batch", "length", None))
 
         if self.layers:
             x, _ = block_stack(
