@@ -59,6 +59,8 @@ class Encoder:
 
             per_process = max(1, data_parallel_size(mesh) // jax.process_count())
             batch_size = -(-batch_size // per_process) * per_process
+        # Packed text rows come in one group per data-parallel device of this process.
+        self._text_groups = per_process if mesh is not None else 1
         self.batch_size = batch_size
         self._tokenizer = tokenizer
         cfg = model.config
@@ -176,28 +178,37 @@ class Encoder:
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """Token ids int32 [N, L] -> [N, E], L2-normalised.
 
-        Without a mesh the texts of each batch are packed into rows of the context length
-        (data/packing.py: the same numbers, less padding); on a mesh each process pads its own
-        rows, so every process compiles the same shapes."""
+        The texts of each batch are packed into rows of the context length (data/packing.py:
+        the same numbers, less padding), one group of rows per data-parallel device of this
+        process; with several processes the row count is agreed between them, so every process
+        runs the same shapes."""
         tokens = np.asarray(tokens, np.int32)
-        if self.mesh is not None or not len(tokens):
-            return self._batched(self._text, None, self._trim(tokens))
-        return np.concatenate(
-            [self._packed_chunk(tokens[s : s + self.batch_size])
-             for s in range(0, len(tokens), self.batch_size)]
-        )  # fmt: skip
+        if not len(tokens):
+            return np.zeros((0, self.model.config.embed_dim), np.float32)
+        chunks = range(0, len(tokens), self.batch_size)
+        return np.concatenate([self._packed_chunk(tokens[s : s + self.batch_size]) for s in chunks])
 
     def _packed_chunk(self, tokens: np.ndarray) -> np.ndarray:
-        """[n <= batch_size, L] -> [n, E]: one packed call; the row count is rounded up to a
-        multiple of _ROW_STEP and the text count padded to batch_size, to bound compiles."""
-        length = self.context_length
+        """[n <= batch_size, L] -> [n, E]: one packed call. The chunk is padded to batch_size
+        texts (copies of its first) and the rows per group rounded up to a multiple of
+        _ROW_STEP, to bound compiles."""
+        n, length = len(tokens), self.context_length
+        if n < self.batch_size:
+            tokens = np.concatenate([tokens, np.repeat(tokens[:1], self.batch_size - n, 0)])
         ends = np.argmax(tokens, axis=1) + 1  # argmax pooling reads the first EOT
-        texts = [row[:n] for row, n in zip(tokens, ends, strict=True)]
-        rows = -(-packing.rows_needed([len(t) for t in texts], length) // _ROW_STEP) * _ROW_STEP
-        tok, seg, pos, eot = packing.pack_texts(texts, rows, length)
-        eot = np.concatenate([eot, np.repeat(eot[:1], self.batch_size - len(eot))])
-        out = self._text_packed(self.params, tok[None], seg[None], pos[None], eot[None])
-        return np.asarray(out)[0, : len(texts)]
+        texts = [row[:k] for row, k in zip(tokens, ends, strict=True)]
+        per = self.batch_size // self._text_groups
+        parts = [texts[g * per : (g + 1) * per] for g in range(self._text_groups)]
+        rows = max(packing.rows_needed([len(t) for t in p], length) for p in parts)
+        if self.mesh is not None and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            rows = int(np.max(multihost_utils.process_allgather(np.int32(rows))))
+        rows = -(-rows // _ROW_STEP) * _ROW_STEP
+        packed = [packing.pack_texts(p, rows, length) for p in parts]
+        arrays = [np.stack([p[i] for p in packed]) for i in range(4)]
+        out = self._call(self._text_packed, arrays)
+        return np.asarray(out).reshape(self.batch_size, -1)[:n]
 
     def dense_features(self, images, normalize: bool = True) -> np.ndarray:
         """uint8 [N, H, W, 3] -> [N, h, w, E] projected patch tokens (value-only last block),

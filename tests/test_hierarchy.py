@@ -292,7 +292,7 @@ def test_recipe_holds_out_sv1k_exactly_once(tmp_path):
             data = config.data
             data.name, data.path, data.image_root = name, data_path, str(tmp_path)
             data.image_size, data.text_length, data.phrase_length = 8, 32, 8
-            data.num_workers = 0
+            data.num_workers, data.pack_texts = 0, False  # read the captions back unpacked
             assert train_set_size(config) == n - held_out
             it = pipeline.build_train_iterator(
                 data, batch_size_per_process=2, seed=0, tokenizer=tok, training=False,

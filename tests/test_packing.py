@@ -178,3 +178,42 @@ def test_packed_step_equals_unpacked_step(mode):
             np.testing.assert_allclose(
                 a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path)
             )
+
+
+def test_pipeline_packs_batches_with_a_process_independent_budget(tmp_path):
+    """The input pipeline packs in its workers: each packed batch is pack_batch of the unpacked
+    batch of the same stream position, with rows per group measured on records sampled from the
+    whole file (the same for every process) or given as data.pack_budget."""
+    from test_data_sources import make_jsonl
+    from test_pipeline import config as data_config
+
+    from beta_clip_jax.data import pipeline
+    from beta_clip_jax.tokenizer import Tokenizer
+
+    path, _ = make_jsonl(str(tmp_path), n=24)
+    tok = Tokenizer()
+
+    def iterator(process_index=0, **overrides):
+        cfg = data_config("jsonl", path, **overrides)
+        return pipeline.build_train_iterator(
+            cfg, batch_size_per_process=4, seed=1, image_size=8, tokenizer=tok,
+            process_index=process_index, process_count=2, micro_batches=2,
+        )  # fmt: skip
+
+    plain = next(iterator())
+    packed_it = iterator(pack_texts=True, pack_group=2)
+    packed = next(packed_it)
+    rows = packed["text_tokens"].shape[1]
+    other = next(iterator(1, pack_texts=True, pack_group=2))
+    assert other["text_tokens"].shape == packed["text_tokens"].shape  # same shapes everywhere
+    plain["_counts"] = np.zeros((4, len(pipeline.COUNTERS)), np.int32)
+    want = packing.pack_batch(plain, row_length=32, rows_per_group=rows, group=2, micro_batches=2)
+    for key in (*packing.PACKED_KEYS, "valid", "image"):
+        np.testing.assert_array_equal(packed[key], want[key], err_msg=key)
+    assert packed_it.metrics()["data/pack_dropped_phrases"] == 0
+    # A budget too small for every phrase: drops, counted.
+    tight = iterator(pack_texts=True, pack_group=2, pack_budget=40)
+    batch = next(tight)
+    assert batch["text_tokens"].shape[1] == packing.rows_for_budget(40, group=2, row_length=32)
+    dropped = tight.metrics()["data/pack_dropped_phrases"]
+    assert dropped == int((plain["valid"] & ~batch["valid"]).sum()) > 0

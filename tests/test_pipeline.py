@@ -35,6 +35,7 @@ def config(name, path, image_root=None, **overrides):
     cfg.max_skip_fraction = 0.5
     cfg.min_records_for_skip_check = 1
     cfg.num_threads = 1
+    cfg.pack_texts = False  # these tests read the unpacked layout; test_packing.py packs
     for k, v in overrides.items():
         cfg[k] = v
     return cfg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 
 from beta_clip_jax import step as step_lib
@@ -20,6 +21,9 @@ def pipeline_throughput(config, batch_size: int, batches: int, workers: int, hw=
     for field in (*fields, "caption_length", "sentence_length"):
         cfg[field] = config.data[field]
     cfg.num_workers, cfg.max_skip_fraction = workers, 1.0
+    # The step's packing, in groups that tile this pipeline batch.
+    cfg.pack_texts = bool(config.data.get("pack_texts"))
+    cfg.pack_group = math.gcd(int(config.data.get("pack_group") or 1), batch_size)
     size = step_lib.image_size(config)
     out = {"batch_size": batch_size, "num_workers": workers, "jpeg_hw": list(hw)}
     with tempfile.TemporaryDirectory() as tmp:

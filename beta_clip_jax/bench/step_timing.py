@@ -68,6 +68,10 @@ def bench_config(
         c.data.pack_texts = bool(pack_texts)
     if pack_group:
         c.data.pack_group = int(pack_group)
+    elif c.data.get("pack_texts"):
+        # Groups must tile the micro-batch: the largest of the default size that does.
+        micro = c.batch_size // int(c.optim.get("grad_accum", 1))
+        c.data.pack_group = math.gcd(int(c.data.pack_group), micro)
     model_overrides = (
         ("dtype", dtype),
         ("remat", remat),
@@ -150,7 +154,8 @@ def step_flops(config, setup) -> tuple[dict, str]:
     if not config.model.scan_layers:
         return None, "compiled step"
     twin = Setup(unrolled(config))
-    twin.batch = setup.batch
+    if setup is not None:  # the twin counts the step's own batch (its lengths, its packing)
+        twin.batch = setup.batch
     with jax.set_mesh(twin.mesh):
         compiled = twin.jitted.lower(twin.abstract_state(), twin.batch).compile()
     return cost(compiled), "compiled unrolled twin of the step (scan bodies count once)"

@@ -56,9 +56,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.sentence_length = config_dict.placeholder(int)  # None: text_length
     c.phrase_length = 30
     # Packing: the texts of each group of pack_group images are concatenated into rows of
-    # pack_length tokens (None: caption_length), pack_budget tokens per image (0: measured on
-    # the data at start-up); the text tower then skips the padding (data/packing.py).
-    c.pack_texts = False
+    # pack_length tokens (None: the longest level), pack_budget tokens per image (0: measured
+    # on the data at start-up); the text tower then skips the padding (data/packing.py). Same
+    # numbers; 2.2x faster B/16 steps and 1.5x faster demo steps on CPU (docs/bench.md).
+    c.pack_texts = True
     c.pack_group = 8
     c.pack_length = config_dict.placeholder(int)
     c.pack_budget = 0
@@ -402,6 +403,8 @@ def build_batches(
     batches = ds.map_with_index(loader).batch(batch_size_per_process, drop_remainder=True)
     if not data_cfg.get("pack_texts"):
         return batches
+    # Groups must tile the batch: checked here, before any worker starts.
+    packing.group_images(batch_size_per_process, int(data_cfg.pack_group), micro_batches)
     rows = packing.pack_rows_per_group(data_cfg, processor, len(source), seed)
     return batches.map(
         packing.Packer(
