@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from beta_clip_jax.convert import import_pretrained, parse_spec
+from beta_clip_jax.data import packing
 from beta_clip_jax.data.transforms import resize_center_crop
 from beta_clip_jax.models.clip import BetaCLIP, build_model, normalize_images
 
@@ -21,6 +22,8 @@ _log = logging.getLogger(__name__)
 # Over-long texts: "eot" keeps EOT in the last position (our tokenizer's rule, Long-CLIP's);
 # "cut" is the β-CLIP reference evaluators' plain cut, for reproducing their numbers.
 TRUNCATIONS = ("eot", "cut")
+# Packed text rows per encoder call are rounded up to a multiple of this (bounds compiles).
+_ROW_STEP = 4
 # Text lengths are trimmed to the smallest of these that holds the batch (then the context
 # length): exact under causal attention with EOT pooling, and it bounds the number of compiles.
 _TEXT_BUCKETS = (16, 32, 64, 128)
@@ -56,6 +59,8 @@ class Encoder:
 
             per_process = max(1, data_parallel_size(mesh) // jax.process_count())
             batch_size = -(-batch_size // per_process) * per_process
+        # Packed text rows come in one group per data-parallel device of this process.
+        self._text_groups = per_process if mesh is not None else 1
         self.batch_size = batch_size
         self._tokenizer = tokenizer
         cfg = model.config
@@ -72,6 +77,12 @@ class Encoder:
         def encode_text(p, tokens):
             return _l2(model.apply({"params": p}, tokens, method="encode_text"))
 
+        def encode_packed(p, tokens, segments, positions, eot):
+            out = model.apply(
+                {"params": p}, tokens, segments, positions, eot, method="encode_packed_text"
+            )
+            return _l2(out)
+
         def pool(p, images, tokens):
             _, patches = model.apply({"params": p}, normalize_images(images), method="encode_image")
             text = model.apply({"params": p}, tokens, method="encode_text")
@@ -81,6 +92,7 @@ class Encoder:
         # One compiled function per input kind; callers pick an output, the rest stays on device.
         self._image = jax.jit(encode)
         self._text = jax.jit(encode_text)
+        self._text_packed = jax.jit(encode_packed)
         self._pool = jax.jit(pool)
 
     @classmethod
@@ -164,8 +176,39 @@ class Encoder:
         return self.embed_tokens(self.tokenize(texts))
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        """Token ids int32 [N, L] -> [N, E], L2-normalised."""
-        return self._batched(self._text, None, self._trim(np.asarray(tokens, np.int32)))
+        """Token ids int32 [N, L] -> [N, E], L2-normalised.
+
+        The texts of each batch are packed into rows of the context length (data/packing.py:
+        the same numbers, less padding), one group of rows per data-parallel device of this
+        process; with several processes the row count is agreed between them, so every process
+        runs the same shapes."""
+        tokens = np.asarray(tokens, np.int32)
+        if not len(tokens):
+            return np.zeros((0, self.model.config.embed_dim), np.float32)
+        chunks = range(0, len(tokens), self.batch_size)
+        return np.concatenate([self._packed_chunk(tokens[s : s + self.batch_size]) for s in chunks])
+
+    def _packed_chunk(self, tokens: np.ndarray) -> np.ndarray:
+        """[n <= batch_size, L] -> [n, E]: one packed call. The chunk is padded to batch_size
+        texts (copies of its first) and the rows per group rounded up to a multiple of
+        _ROW_STEP, to bound compiles."""
+        n, length = len(tokens), self.context_length
+        if n < self.batch_size:
+            tokens = np.concatenate([tokens, np.repeat(tokens[:1], self.batch_size - n, 0)])
+        ends = np.argmax(tokens, axis=1) + 1  # argmax pooling reads the first EOT
+        texts = [row[:k] for row, k in zip(tokens, ends, strict=True)]
+        per = self.batch_size // self._text_groups
+        parts = [texts[g * per : (g + 1) * per] for g in range(self._text_groups)]
+        rows = max(packing.rows_needed([len(t) for t in p], length) for p in parts)
+        if self.mesh is not None and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            rows = int(np.max(multihost_utils.process_allgather(np.int32(rows))))
+        rows = -(-rows // _ROW_STEP) * _ROW_STEP
+        packed = [packing.pack_texts(p, rows, length) for p in parts]
+        arrays = [np.stack([p[i] for p in packed]) for i in range(4)]
+        out = self._call(self._text_packed, arrays)
+        return np.asarray(out).reshape(self.batch_size, -1)[:n]
 
     def dense_features(self, images, normalize: bool = True) -> np.ndarray:
         """uint8 [N, H, W, 3] -> [N, h, w, E] projected patch tokens (value-only last block),

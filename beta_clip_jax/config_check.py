@@ -75,6 +75,8 @@ def _check_config(config, device_count: int, process_count: int) -> None:
                 f"micro-batch {micro} is not divisible by the β-CAL group loss.group_size "
                 f"{group}; choose batch_size / grad_accum as a multiple of the group"
             )
+    if config.data.get("pack_texts"):
+        _check_packing(config, micro, accum, dp, process_count)
     if int(config.log_every) <= 0 or int(config.checkpoint_every) <= 0:
         raise ValueError("log_every and checkpoint_every must be positive")
     check_paths(config)
@@ -82,6 +84,36 @@ def _check_config(config, device_count: int, process_count: int) -> None:
         raise ValueError("num_steps (or num_epochs) must give at least one step")
     if config.mode == "train" and config.loss.name == "beta_clip":
         _check_cal_start(objective.cal_start_step(config.loss), total_steps(config))
+
+
+def _check_packing(config, micro: int, accum: int, dp: int, process_count: int) -> None:
+    """Packed batches (data.pack_texts): whole groups per device and micro-batch, rows that
+    hold the longest text, a method that reads only the pooled text embeddings."""
+    from beta_clip_jax.data import hierarchy, packing
+
+    data = config.data
+    group = int(data.pack_group)
+    per_device = micro // dp
+    if group <= 0 or per_device % group:
+        raise ValueError(
+            f"data.pack_group {group} must divide the micro-batch per device, {per_device} "
+            f"(batch_size {config.batch_size} / grad_accum {accum} / data-parallel size {dp}); "
+            "set data.pack_group to a divisor, e.g. 1"
+        )
+    longest = max(hierarchy.level_lengths(data).values())
+    row = packing.pack_length(data)
+    if row < longest:
+        raise ValueError(f"data.pack_length {row} is shorter than the longest text level {longest}")
+    if row > int(config.model.context_length):
+        raise ValueError(
+            f"data.pack_length {row} exceeds the model's context length "
+            f"{config.model.context_length}"
+        )
+    if config.model.get("method", "beta_clip") != "beta_clip":
+        raise ValueError(
+            f"data.pack_texts needs the beta_clip model (model.method={config.model.method!r} "
+            "reads per-text token states); set data.pack_texts=False"
+        )
 
 
 def _check_cal_start(start: int, steps: int) -> None:

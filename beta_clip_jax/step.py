@@ -26,25 +26,35 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def text_shapes(config) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(slots, length) of the sentence and phrase token arrays a batch carries."""
+def text_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Per-image shapes of an unpacked batch's text arrays (caption, sentences, phrases)."""
+    from beta_clip_jax.data.hierarchy import level_lengths
+
     data = config.data
-    return (1 + data.max_sentences, data.text_length), (data.max_phrases, data.phrase_length)
+    lengths = level_lengths(data)
+    return {
+        "caption": (lengths["caption_length"],),
+        "sentences": (data.max_sentences, lengths["sentence_length"]),
+        "phrases": (data.max_phrases, lengths["phrase_length"]),
+    }
 
 
 def image_size(config) -> int:
     return int(config.data.get("image_size") or config.model.image_size)
 
 
+def text_inputs(batch: dict) -> dict:
+    """The text arrays of a batch (unpacked or packed; models/clip.py encode_texts)."""
+    from beta_clip_jax.data.packing import PACKED_KEYS, TEXT_KEYS
+
+    return {k: batch[k] for k in (*TEXT_KEYS, *PACKED_KEYS) if k in batch}
+
+
 def dummy_inputs(config, batch: int = 1):
-    """Zero inputs with the batch layout of docs/CONTRACTS.md, for init and shape inference."""
-    (s, ls), (kp, lp) = text_shapes(config)
+    """Zero inputs with the unpacked batch layout of docs/CONTRACTS.md, for init and shapes."""
     size = image_size(config)
-    return (
-        jnp.zeros((batch, size, size, 3), jnp.float32),
-        jnp.zeros((batch, s, ls), jnp.int32),
-        jnp.zeros((batch, kp, lp), jnp.int32),
-    )
+    texts = {k: jnp.zeros((batch, *shape), jnp.int32) for k, shape in text_shapes(config).items()}
+    return jnp.zeros((batch, size, size, 3), jnp.float32), texts
 
 
 def abstract_state(model, tx, config):
@@ -107,7 +117,7 @@ def init_state(model, tx, config, mesh, params_sh, opt_sh, init_params=None):
 def _loss_and_grads(model, loss_cfg, params, batch, step):
     def loss_fn(p):
         images = normalize(batch["image"])
-        outputs = model.apply({"params": p}, images, batch["sentences"], batch["phrases"])
+        outputs = model.apply({"params": p}, images, text_inputs(batch))
         return objective.training_loss(outputs, batch["valid"], loss_cfg, step)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

@@ -174,6 +174,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         process_count=jax.process_count(),
         image_size=step_lib.image_size(config),
         tokenizer=tokenizer,
+        micro_batches=int(config.optim.get("grad_accum", 1)),
     )
     ckpt = checkpoint.Checkpointer(
         workdir, every=config.checkpoint_every, keep=config.keep_checkpoints

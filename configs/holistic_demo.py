@@ -28,6 +28,7 @@ def get_config(branch_type: str = "cls"):
         raise ValueError(f"configs/holistic_demo.py:TYPE, TYPE in cls, mlp; got {branch_type!r}")
     smart = _sibling("smartclip_demo.py")
     c = smart.demo_config("clip")
+    c.data.pack_texts = False  # the method reads per-text token states (docs/data.md)
     c.model.method = "holistic"
     c.model.image_branches = 1 + c.data.max_sentences
     c.model.branch_type = branch_type

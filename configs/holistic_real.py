@@ -28,6 +28,7 @@ NUM_TEXTS = 5  # M
 def get_config(branch_type: str = "cls"):
     branch_type = branch_type or "cls"
     c = base_config("B/16")
+    c.data.pack_texts = False  # the method reads per-text token states (docs/data.md)
     c.init = ""
     c.model.context_length = 77
     c.model.frozen_positions = 0

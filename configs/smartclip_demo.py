@@ -43,6 +43,7 @@ def intra_eval(every: int = 0) -> dict:
 
 def get_config():
     c = demo_config("clip")
+    c.data.pack_texts = False  # the method reads per-text token states (docs/data.md)
     c.model.method = "smartclip"
     c.loss.name = "smartclip"
     c.loss.smartclip.align_weight = 0.5

@@ -29,6 +29,7 @@ SHAREGPT4V_IMAGES = "data/sharegpt4v/images"
 
 def get_config():
     c = base_config("B/16")
+    c.data.pack_texts = False  # the method reads per-text token states (docs/data.md)
     c.init = "openai:weights/ViT-B-16.pt"
     c.model.method = "smartclip"
     c.model.dtype = "bfloat16"

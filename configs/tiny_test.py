@@ -18,6 +18,7 @@ def get_config():
     c.data.max_phrases = 4
     c.data.text_length = 48
     c.data.phrase_length = 12
+    c.data.pack_group = 1  # packs each image alone: any mesh of the 8 devices divides the batch
     c.batch_size = 8
     c.loss.group_size = 4
     c.num_steps = 6

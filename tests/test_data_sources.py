@@ -199,6 +199,7 @@ def test_tfds_source_with_mock_data():
         assert len(src) == 4 and isinstance(rec["caption"], str)
         assert rec["image"].dtype == np.uint8 and rec["image"].ndim == 3
         cfg.max_phrases = 0  # random mock captions may hold no phrase
+        cfg.pack_group = 2  # packing groups must tile the batch of 2
         it = pipeline.build_train_iterator(cfg, batch_size_per_process=2, seed=0, image_size=16)
         batch = next(it)
         assert batch["image"].shape == (2, 16, 16, 3) and batch["valid"][:, 0].all()

@@ -2,6 +2,7 @@
 with no example moving between devices."""
 
 import functools
+import re
 
 import jax
 import numpy as np
@@ -32,7 +33,8 @@ def _batch(config, batch=BATCH):
     valid[::3, -1] = False  # some phrase slots empty
     return {
         "image": rng.integers(0, 256, (batch, size, size, 3)).astype(np.uint8),
-        "sentences": random_tokens(batch * s, 12, seed=1).reshape(batch, s, 12),
+        "caption": random_tokens(batch, 12, seed=5),
+        "sentences": random_tokens(batch * (s - 1), 12, seed=1).reshape(batch, s - 1, 12),
         "phrases": random_tokens(batch * p, 6, seed=2).reshape(batch, p, 6),
         "valid": valid,
     }
@@ -40,7 +42,7 @@ def _batch(config, batch=BATCH):
 
 def _loss(model, loss_cfg, params, batch):
     images = step_lib.normalize(batch["image"])
-    out = model.apply({"params": params}, images, batch["sentences"], batch["phrases"])
+    out = model.apply({"params": params}, images, step_lib.text_inputs(batch))
     return objective.training_loss(out, batch["valid"], loss_cfg)[0]
 
 
@@ -85,6 +87,10 @@ def test_sharded_accumulation_moves_no_examples():
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch(config, 32))
     jitted = step_lib.jit_train_step(model, tx, config, mesh, params_sh, opt_sh)
     with jax.set_mesh(mesh):
-        hlo = jitted.lower(state_abs, batch).compile().as_text()
+        lowered = jitted.lower(state_abs, batch)
+        hlo = lowered.compile().as_text()
     for op in ("all-to-all", "collective-permute"):
         assert op not in hlo, op
+    # The towers' activation annotations take effect: activations split over the batch axes.
+    constraints = re.findall(r"sdy.sharding_constraint .*", lowered.as_text())
+    assert constraints and all('[{"data", "fsdp"}' in c for c in constraints)

@@ -141,22 +141,23 @@ def test_build_hierarchy_from_long_caption():
 
 def test_tokenize_slots(tok):
     h = H.TextHierarchy("cap one. cap two", ["cap one", "cap two"], ["cap", "one", "two"])
-    out = H.tokenize_hierarchy(
-        h, tok, max_sentences=5, max_phrases=4, text_length=16, phrase_length=6
-    )
-    assert out["sentences"].shape == (6, 16) and out["sentences"].dtype == np.int32
+    lengths = dict(caption_length=16, sentence_length=12, phrase_length=6)
+    out = H.tokenize_hierarchy(h, tok, max_sentences=5, max_phrases=4, **lengths)
+    assert out["caption"].shape == (16,) and out["caption"].dtype == np.int32
+    assert out["sentences"].shape == (5, 12) and out["sentences"].dtype == np.int32
     assert out["phrases"].shape == (4, 6) and out["phrases"].dtype == np.int32
     assert out["valid"].tolist() == [True] * 3 + [False] * 3 + [True] * 3 + [False]
-    np.testing.assert_array_equal(out["sentences"][:3], tok.encode([h.caption, *h.sentences], 16))
+    np.testing.assert_array_equal(out["caption"], tok.encode([h.caption], 16)[0])
+    np.testing.assert_array_equal(out["sentences"][:2], tok.encode(h.sentences, 12))
     np.testing.assert_array_equal(out["phrases"][:3], tok.encode(h.phrases, 6))
-    assert not out["sentences"][3:].any() and not out["phrases"][3:].any()
-    assert out["sentences"][0, 0] == SOT and int(out["truncated"]) == 0
+    assert not out["sentences"][2:].any() and not out["phrases"][3:].any()
+    assert out["caption"][0] == SOT and out["truncated"].tolist() == [0, 0, 0]
     long = H.TextHierarchy("word " * 40, ["word " * 40], [])
-    out = H.tokenize_hierarchy(
-        long, tok, max_sentences=1, max_phrases=0, text_length=8, phrase_length=6
-    )
+    lengths = dict(caption_length=8, sentence_length=10, phrase_length=6)
+    out = H.tokenize_hierarchy(long, tok, max_sentences=1, max_phrases=0, **lengths)
     assert out["phrases"].shape == (0, 6) and out["valid"].shape == (2,)
-    assert (out["sentences"][:, -1] == EOT).all() and int(out["truncated"]) == 2
+    assert out["caption"][-1] == EOT and (out["sentences"][:, -1] == EOT).all()
+    assert out["truncated"].tolist() == [1, 1, 0]  # counted per level
 
 
 # --- per-sentence phrase groups (prepare.py's "sentence_phrases") ------------------------------
@@ -291,12 +292,12 @@ def test_recipe_holds_out_sv1k_exactly_once(tmp_path):
             data = config.data
             data.name, data.path, data.image_root = name, data_path, str(tmp_path)
             data.image_size, data.text_length, data.phrase_length = 8, 32, 8
-            data.num_workers = 0
+            data.num_workers, data.pack_texts = 0, False  # read the captions back unpacked
             assert train_set_size(config) == n - held_out
             it = pipeline.build_train_iterator(
                 data, batch_size_per_process=2, seed=0, tokenizer=tok, training=False,
                 num_epochs=1,
             )  # fmt: skip
-            rows = [tuple(row) for b in it for row in b["sentences"][:, 0]]
+            rows = [tuple(row) for b in it for row in b["caption"]]
             want = [f"A red car number {k}. A tall tree" for k in range(held_out, n)]
             assert rows == [tuple(r) for r in tok.encode(want, 32)], (config_file, name)

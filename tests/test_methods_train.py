@@ -35,7 +35,8 @@ def _inputs(b=2, s=3, length=8):
     tokens[0, 0, 4] = 49407
     tokens[..., -1] = np.where(tokens[..., -1] == 0, 0, 49407)
     phrases = jnp.asarray(tokens[:, :1, :6].copy())
-    return images, jnp.asarray(tokens), phrases
+    tokens = jnp.asarray(tokens)  # slot 0 the caption, then the sentences
+    return images, {"caption": tokens[:, 0], "sentences": tokens[:, 1:], "phrases": phrases}
 
 
 def _leaves(tree):
@@ -124,9 +125,9 @@ def test_smartclip_outputs_completion_and_inference_strip():
     model = build_model(model_config("tiny", method="smartclip"))
     full = complete_params(params, model)
     assert set(full) == set(params) | {"smart_mask"}
-    images, sentences, phrases = _inputs()
-    out = jax.jit(lambda p: model.apply({"params": p}, images, sentences, phrases))(full)
-    ref = jax.jit(lambda p: plain.apply({"params": p}, images, sentences, phrases))(params)
+    images, texts = _inputs()
+    out = jax.jit(lambda p: model.apply({"params": p}, images, texts))(full)
+    ref = jax.jit(lambda p: plain.apply({"params": p}, images, texts))(params)
     assert out["smart_mask"].shape == out["sentence_text"].shape == (2, 3, 32)
     np.testing.assert_array_equal(out["smart_mask"], 1.0)  # all-ones at init: plain CLIP
     for key in ("image", "text", "pooled"):

@@ -75,7 +75,12 @@ def tiny():
 
 
 def _forward(model):
-    return fast_jit(lambda p, x, s, ph: model.apply({"params": p}, x, s, ph))
+    return fast_jit(lambda p, x, s, ph: model.apply({"params": p}, x, texts(s, ph)))
+
+
+def texts(sentences, phrases):
+    """The model's texts from [caption, sentences...] rows of one length, and phrases."""
+    return {"caption": sentences[:, 0], "sentences": sentences[:, 1:], "phrases": phrases}
 
 
 def _inputs(n_phrases=2):
@@ -120,7 +125,10 @@ def test_attention_option_reaches_every_attention_call(tiny, monkeypatch, attent
     model = build_model(
         resolve_model_config({**cfg.to_dict(), "attention": attention, "dtype": dtype})
     )
-    out = jax.eval_shape(lambda p: model.apply({"params": p}, *_inputs()), params)
+    images, sentences, phrases = _inputs()
+    out = jax.eval_shape(
+        lambda p: model.apply({"params": p}, images, texts(sentences, phrases)), params
+    )
     assert {impl for _, _, impl in seen} == {attention}
     assert any(causal for _, causal, _ in seen)  # text
     assert any(q == 1 for q, _, _ in seen)  # mixed last block: the CLS query

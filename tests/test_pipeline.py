@@ -35,6 +35,7 @@ def config(name, path, image_root=None, **overrides):
     cfg.max_skip_fraction = 0.5
     cfg.min_records_for_skip_check = 1
     cfg.num_threads = 1
+    cfg.pack_texts = False  # these tests read the unpacked layout; test_packing.py packs
     for k, v in overrides.items():
         cfg[k] = v
     return cfg
@@ -92,16 +93,17 @@ def test_real_layouts_read_back(tmp_path, tok, fmt):
         expected[tuple(tok.encode(h.caption, 32)[0])] = (i, h)
     for b in batches:
         assert b["image"].shape == (4, SIZE, SIZE, 3) and b["image"].dtype == np.uint8
-        assert b["sentences"].shape == (4, 4, 32) and b["sentences"].dtype == np.int32
+        assert b["caption"].shape == (4, 32) and b["caption"].dtype == np.int32
+        assert b["sentences"].shape == (4, 3, 32) and b["sentences"].dtype == np.int32
         assert b["phrases"].shape == (4, 4, 8) and b["valid"].shape == (4, 8)
-        assert set(b) == {"image", "sentences", "phrases", "valid"}
+        assert set(b) == {"image", "caption", "sentences", "phrases", "valid"}
         for row in range(4):
-            i, h = expected[tuple(b["sentences"][row, 0])]  # every row is a good record
-            np.testing.assert_array_equal(b["sentences"][row, 1:3], tok.encode(h.sentences, 32))
+            i, h = expected[tuple(b["caption"][row])]  # every row is a good record
+            np.testing.assert_array_equal(b["sentences"][row, 0:2], tok.encode(h.sentences, 32))
             np.testing.assert_array_equal(b["phrases"][row, : len(h.phrases)],
                                           tok.encode(h.phrases, 8))  # fmt: skip
             assert b["valid"][row].tolist() == [True] * 3 + [False] + [True] * 4
-            assert not b["sentences"][row, 3].any()
+            assert not b["sentences"][row, 2].any()
             want = transforms.resize_center_crop(sources.load_image(image(i)), SIZE)
             np.testing.assert_array_equal(b["image"][row], want)
     positions = range(len(batches) * 4)  # the last partial batch is dropped
@@ -121,9 +123,9 @@ def test_precomputed_texts_and_truncation_count(tmp_path, tok):
     )
     b = next(it)
     for row in range(2):
-        got = {tuple(r) for r in b["sentences"][row, 1:]}
+        got = {tuple(r) for r in b["sentences"][row]}
         assert got == {tuple(r) for r in tok.encode(sents, 32)}  # order is sampled
-        caption = tok.decode(b["sentences"][row, 0])
+        caption = tok.decode(b["caption"][row])
         assert caption.startswith(("a red car", "a tall tree", "a blue sky"))
         np.testing.assert_array_equal(
             b["phrases"][row, :2], tok.encode(["a red car", "tall tree"], 8)
@@ -159,7 +161,7 @@ def test_sentence_phrase_groups_in_reference_order_and_phraseless_records_kept(t
         if row not in with_phrases:
             assert not b["phrases"][row].any()
             continue
-        first = tok.decode(b["sentences"][row, 1])
+        first = tok.decode(b["sentences"][row, 0])
         order = [0, 1] if first.startswith("a dog") else [1, 0]
         nouns = [p for i in order for p in groups[i]["noun"]]
         want = nouns + ["leaning against", "on the left"]
@@ -220,7 +222,7 @@ def test_processes_get_disjoint_covering_shards(tmp_path, tok):
             process_index=pi, process_count=2,
         )  # fmt: skip
         # Two sentences (< max_sentences): slot 1 is always the record's first sentence.
-        seen.append([tuple(r) for b in take(it, 4) for r in b["sentences"][:, 1]])
+        seen.append([tuple(r) for b in take(it, 4) for r in b["sentences"][:, 0]])
     assert len(set(seen[0])) == len(set(seen[1])) == 8 and not set(seen[0]) & set(seen[1])
     firsts = tok.encode([caption_for(i).split(". ")[0] for i in range(17)], 32)
     everything = {tuple(r) for r in firsts}

@@ -40,7 +40,6 @@ from beta_clip_jax.bench.step_timing import (
     bench_config,
     bench_step,
     step_flops,
-    synthetic_batch,
     texts_per_image,
     unrolled,
 )
@@ -62,7 +61,6 @@ __all__ = [
     "process_memory",
     "run",
     "step_flops",
-    "synthetic_batch",
     "table_peak",
     "texts_per_image",
     "time_calls",

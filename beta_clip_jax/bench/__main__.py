@@ -23,6 +23,15 @@ def _define_flags() -> None:
     flags.DEFINE_integer("texts_per_image", None, "K = 1 caption + sentences + phrases (36).")
     flags.DEFINE_integer("text_length", None, "Caption/sentence tokens (248).")
     flags.DEFINE_integer("phrase_length", None, "Phrase tokens (30).")
+    flags.DEFINE_string(
+        "batch_file", None, "Time the step on this batch (.npz: image [B,H,W,3], texts [B,K,L])."
+    )
+    flags.DEFINE_enum(
+        "lengths", "full", ["full", "sharegpt4v"], "Random texts: full rows or ShareGPT4V-like."
+    )
+    flags.DEFINE_bool("pack_texts", None, "Pack the texts (default: the config's).")
+    flags.DEFINE_integer("pack_group", None, "Images per packing group (default: the config's).")
+    flags.DEFINE_bool("compare_packing", False, "Also time the step packed the other way.")
     flags.DEFINE_integer("group_size", None, "β-CAL group (default min(batch, 64)).")
     flags.DEFINE_enum("cal_scope", None, ["group", "global"], "β-CAL negatives.")
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Matmul compute dtype.")
@@ -58,6 +67,8 @@ def main(argv) -> None:
         k=f.texts_per_image,
         text_length=f.text_length,
         phrase_length=f.phrase_length,
+        pack_texts=f.pack_texts,
+        pack_group=f.pack_group,
         group_size=f.group_size,
         cal_scope=f.cal_scope,
         dtype=f.dtype,
@@ -82,6 +93,9 @@ def main(argv) -> None:
         sweep_groups=[int(x) for x in f.sweep_groups],
         pipeline=pipe,
         peak_tflops=f.peak_tflops,
+        lengths=f.lengths,
+        batch_file=f.batch_file,
+        compare_packing=f.compare_packing,
     )
     print(format_table(result))
     text = json.dumps(result, indent=1)

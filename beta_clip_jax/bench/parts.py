@@ -15,13 +15,9 @@ import optax
 
 from beta_clip_jax import objective, sharding
 from beta_clip_jax import step as step_lib
+from beta_clip_jax.bench.batches import text_batch
 from beta_clip_jax.bench.hardware import cost, time_calls
-from beta_clip_jax.bench.step_timing import (
-    bench_config,
-    synthetic_batch,
-    texts_per_image,
-    unrolled,
-)
+from beta_clip_jax.bench.step_timing import bench_config, texts_per_image, unrolled
 from beta_clip_jax.data.transforms import normalize
 from beta_clip_jax.models.clip import build_model
 from beta_clip_jax.models.variants import num_patches
@@ -35,10 +31,7 @@ def _parts(model, loss_cfg):
         params = {**rest, **p}
         apply = lambda x, method: model.apply({"params": params}, x, method=method)
         cls, patches = apply(normalize(batch["image"]), "encode_image")
-        total = cls.sum() + patches.sum() + apply(batch["sentences"], "encode_text").sum()
-        if batch["phrases"].shape[1]:
-            total += apply(batch["phrases"], "encode_text").sum()
-        return total
+        return cls.sum() + patches.sum() + apply(step_lib.text_inputs(batch), "encode_texts").sum()
 
     def pooler(p, rest, text, patches):
         pooled, _ = model.apply({"params": {**rest, "pooler": p}}, text, patches, method="pool")
@@ -146,7 +139,7 @@ def flop_sweep(config, ks, groups) -> list[dict]:
     for k in ks:
         logging.info("FLOP sweep: K=%d", k)
         c = bench_config(base, k=k, batch=1, group_size=1)
-        batch = jax.tree.map(sds, synthetic_batch(c, 1))
+        batch = jax.tree.map(sds, text_batch(c, 1))
         parts = _parts(model, c.loss)
         row = {"k": k}
         for name in ("towers", "pooler"):

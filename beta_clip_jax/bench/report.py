@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 
 from beta_clip_jax import step as step_lib
@@ -16,9 +17,13 @@ def pipeline_throughput(config, batch_size: int, batches: int, workers: int, hw=
     from beta_clip_jax.data import pipeline, throughput
 
     cfg = pipeline.default_data_config()
-    for field in ("max_sentences", "max_phrases", "text_length", "phrase_length"):
+    fields = ("max_sentences", "max_phrases", "text_length", "phrase_length")
+    for field in (*fields, "caption_length", "sentence_length"):
         cfg[field] = config.data[field]
     cfg.num_workers, cfg.max_skip_fraction = workers, 1.0
+    # The step's packing, in groups that tile this pipeline batch.
+    cfg.pack_texts = bool(config.data.get("pack_texts"))
+    cfg.pack_group = math.gcd(int(config.data.get("pack_group") or 1), batch_size)
     size = step_lib.image_size(config)
     out = {"batch_size": batch_size, "num_workers": workers, "jpeg_hw": list(hw)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,11 +45,18 @@ def run(
     sweep_groups=(),
     pipeline=None,
     peak_tflops=0.0,
+    lengths="full",
+    batch_file=None,
+    compare_packing=False,
 ) -> dict:
-    """The whole benchmark for one config; `pipeline` = kwargs of pipeline_throughput or None."""
+    """The whole benchmark for one config; `pipeline` = kwargs of pipeline_throughput or None.
+
+    `lengths` / `batch_file`: the batch (bench/batches.py). `compare_packing`: also time the
+    step with data.pack_texts the other way on the same batch, alternating the two."""
     result = {"machine": machine()}
     peak = device_peak(config.model.dtype, peak_tflops)  # on CPU measured before the step too
-    step_res, setup, state = bench_step(config, steps, warmup, peak)
+    batch_kw = {"lengths": lengths, "batch_file": batch_file}
+    step_res, setup, state = bench_step(config, steps, warmup, peak, **batch_kw)
     result["config"] = {
         "variant": config.model.variant,
         "batch": int(config.batch_size),
@@ -58,6 +70,9 @@ def run(
         "remat": config.model.remat,
         "scan_layers": bool(config.model.scan_layers),
         "mesh": dict(setup.mesh.shape),
+        "lengths": "file " + batch_file if batch_file else lengths,
+        "pack_texts": bool(config.data.get("pack_texts")),
+        "pack_group": int(config.data.get("pack_group") or 0),
     }
     result.update(step_res)
     if with_breakdown:
@@ -66,6 +81,8 @@ def run(
         if sweep_k:
             result["breakdown"]["sweep"] = flop_sweep(config, sweep_k, sweep_groups)
     del state
+    if compare_packing:
+        result["packing"] = packing_comparison(config, steps, warmup, peak, step_res, batch_kw)
     if pipeline is not None:
         logging.info("input pipeline")
         pipe = pipeline_throughput(config, **pipeline)
@@ -73,6 +90,31 @@ def run(
         result["pipeline"] = pipe
     result["memory"].update(process_memory())
     return result
+
+
+def packing_comparison(config, steps, warmup, peak, first: dict, batch_kw: dict) -> dict:
+    """The step with data.pack_texts flipped, on the same batch; then the first setting once
+    more, so a machine whose speed drifts shows it. Times are medians of `steps` steps."""
+    other = config.copy_and_resolve_references()
+    other.data.pack_texts = not config.data.get("pack_texts")
+    second, _, _ = bench_step(other, steps, warmup, peak, **batch_kw)
+    again, _, _ = bench_step(config, steps, warmup, peak, **batch_kw)
+    runs = {
+        bool(config.data.get("pack_texts")): [first, again],
+        bool(other.data.pack_texts): [second],
+    }
+    summary = {}
+    for packed, results in runs.items():
+        key = "packed" if packed else "unpacked"
+        summary[key] = {
+            "median_s": [r["step"]["median_s"] for r in results],
+            "examples_per_s": [r["step"]["examples_per_s"] for r in results],
+            "flops_per_example": results[0]["flops"]["per_example"],
+            "text_tokens": results[0]["text_tokens"],
+        }
+    best = lambda key: min(summary[key]["median_s"])
+    summary["speedup"] = best("unpacked") / best("packed")
+    return summary
 
 
 def _gb(x) -> str:
@@ -104,6 +146,21 @@ def format_table(r: dict) -> str:
         ("memory (compiled)", compiled_mem),
         ("process RSS", f"{_gb(mem['rss_bytes'])} (max {_gb(mem['max_rss_bytes'])})"),
     ]
+    tok = r.get("text_tokens")
+    if tok:
+        rows.append((
+            "text tokens / image",
+            f"{tok['real_per_image']:.0f} real, {tok['computed_per_image']:.0f} computed "
+            f"({tok['computed_over_real']:.2f}x; {c.get('lengths', 'full')} lengths, "
+            f"packing {'on' if c.get('pack_texts') else 'off'})",
+        ))  # fmt: skip
+    if "packing" in r:
+        pk = r["packing"]
+        times = lambda key: ", ".join(f"{t * 1e3:.0f}" for t in pk[key]["median_s"])
+        rows.append((
+            "packing on / off",
+            f"{times('packed')} ms / {times('unpacked')} ms: {pk['speedup']:.2f}x faster packed",
+        ))  # fmt: skip
     if "device_peak_bytes_in_use" in mem:
         rows.append(("device peak in use", _gb(mem["device_peak_bytes_in_use"])))
     if "pipeline" in r:

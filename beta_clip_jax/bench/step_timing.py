@@ -14,6 +14,7 @@ import numpy as np
 
 from beta_clip_jax import config_check, sharding
 from beta_clip_jax import step as step_lib
+from beta_clip_jax.bench import batches
 from beta_clip_jax.bench.hardware import (
     cost,
     device_peak,
@@ -34,6 +35,8 @@ def bench_config(
     k=None,
     text_length=None,
     phrase_length=None,
+    pack_texts=None,
+    pack_group=None,
     group_size=None,
     cal_scope=None,
     dtype=None,
@@ -61,6 +64,14 @@ def bench_config(
     for field, value in (("text_length", text_length), ("phrase_length", phrase_length)):
         if value:
             c.data[field] = int(value)
+    if pack_texts is not None:
+        c.data.pack_texts = bool(pack_texts)
+    if pack_group:
+        c.data.pack_group = int(pack_group)
+    elif c.data.get("pack_texts"):
+        # Groups must tile the micro-batch: the largest of the default size that does.
+        micro = c.batch_size // int(c.optim.get("grad_accum", 1))
+        c.data.pack_group = math.gcd(int(c.data.pack_group), micro)
     model_overrides = (
         ("dtype", dtype),
         ("remat", remat),
@@ -83,30 +94,13 @@ def texts_per_image(config) -> int:
     return 1 + int(config.data.max_sentences) + int(config.data.max_phrases)
 
 
-def synthetic_batch(config, batch: int, seed: int = 0) -> dict:
-    """Random uint8 images and full-length token rows (SOT ... EOT), every slot valid."""
-    rng = np.random.default_rng(seed)
-    (s, ls), (kp, lp) = step_lib.text_shapes(config)
-    size = step_lib.image_size(config)
-
-    def tokens(slots, length):
-        t = rng.integers(1, 49406, (batch, slots, length), dtype=np.int32)
-        if length:
-            t[..., 0], t[..., -1] = 49406, 49407
-        return t
-
-    return {
-        "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-        "sentences": tokens(s, ls),
-        "phrases": tokens(kp, lp),
-        "valid": np.ones((batch, s + kp), bool),
-    }
-
-
 class Setup:
-    """Model, optimiser, mesh, sharded state and batch for one config."""
+    """Model, optimiser, mesh, sharded state and batch for one config.
 
-    def __init__(self, config):
+    The batch: `batch_file` (bench/batches.py's layout) if given, else random texts of
+    `lengths` ("full" rows or "sharegpt4v"-like); packed when config.data.pack_texts."""
+
+    def __init__(self, config, *, lengths: str = "full", batch_file: str | None = None):
         self.config = config
         config_check.check_config(config, sharding.mesh_device_count(config.mesh), 1)
         self.mesh = sharding.make_mesh(config.mesh)
@@ -118,7 +112,18 @@ class Setup:
         self.jitted = step_lib.jit_train_step(
             self.model, self.tx, config, self.mesh, self.params_sh, self.opt_sh
         )
-        local = synthetic_batch(config, int(config.batch_size))
+        if batch_file:
+            self.unpacked = batches.file_batch(config, batch_file)
+            if len(self.unpacked["image"]) != int(config.batch_size):
+                raise ValueError(
+                    f"{batch_file} holds {len(self.unpacked['image'])} images; the benchmark's "
+                    f"batch is {config.batch_size} (pass --batch to match)"
+                )
+        else:
+            self.unpacked = batches.text_batch(config, int(config.batch_size), lengths)
+        accum = int(config.optim.get("grad_accum", 1))
+        local = batches.step_batch(config, self.unpacked, accum)
+        self.tokens = batches.token_counts(self.unpacked, local)
         self.batch = sharding.global_batch_from_local(local, self.mesh)
 
     def abstract_state(self):
@@ -149,13 +154,23 @@ def step_flops(config, setup) -> tuple[dict, str]:
     if not config.model.scan_layers:
         return None, "compiled step"
     twin = Setup(unrolled(config))
+    if setup is not None:  # the twin counts the step's own batch (its lengths, its packing)
+        twin.batch = setup.batch
     with jax.set_mesh(twin.mesh):
         compiled = twin.jitted.lower(twin.abstract_state(), twin.batch).compile()
     return cost(compiled), "compiled unrolled twin of the step (scan bodies count once)"
 
 
-def bench_step(config, steps: int, warmup: int, peak: tuple[float, str] | None = None):
-    s = Setup(config)
+def bench_step(
+    config,
+    steps: int,
+    warmup: int,
+    peak: tuple[float, str] | None = None,
+    *,
+    lengths: str = "full",
+    batch_file: str | None = None,
+):
+    s = Setup(config, lengths=lengths, batch_file=batch_file)
     state = s.init_state()
     with jax.set_mesh(s.mesh):
         t0 = time.perf_counter()
@@ -210,5 +225,6 @@ def bench_step(config, steps: int, warmup: int, peak: tuple[float, str] | None =
             "mfu_basis": "whole CPU (all its devices)" if mfu_devices > 1 else "per device",
         },
         "memory": {**memory(compiled), **process_memory()},
+        "text_tokens": s.tokens,
     }
     return result, s, state

@@ -299,27 +299,52 @@ def build_hierarchy(
     return TextHierarchy(caption=joined, sentences=picked, phrases=found[:max_phrases])
 
 
+LEVELS = ("caption", "sentence", "phrase")  # text groups of a batch, each with its own length
+
+
+def level_lengths(data_cfg) -> dict[str, int]:
+    """Token length per text level: caption_length, sentence_length (both text_length unless
+    set) and phrase_length."""
+    text = int(data_cfg.text_length)
+    return {
+        "caption_length": int(data_cfg.get("caption_length") or text),
+        "sentence_length": int(data_cfg.get("sentence_length") or text),
+        "phrase_length": int(data_cfg.phrase_length),
+    }
+
+
 def tokenize_hierarchy(
     hierarchy: TextHierarchy,
     tokenizer,
     *,
     max_sentences: int,
     max_phrases: int,
-    text_length: int,
+    caption_length: int,
+    sentence_length: int,
     phrase_length: int,
 ) -> dict[str, np.ndarray]:
-    """Fixed-shape slots: sentences int32 [1+S, Ls] (slot 0 = caption), phrases int32 [Kp, Lp],
-    valid bool [1+S+Kp]; padded slots are all-zero. `truncated` counts texts that fill their
-    whole context (cut, or exactly full), as int32."""
-    texts = [hierarchy.caption, *hierarchy.sentences[:max_sentences]]
-    sent = np.zeros((1 + max_sentences, text_length), np.int32)
-    sent[: len(texts)] = tokenizer.encode(texts, text_length)
+    """Fixed-shape slots, one array per text level: caption int32 [Lc], sentences int32 [S, Ls],
+    phrases int32 [Kp, Lp], valid bool [1 + S + Kp] (caption, sentences, phrases); padded slots
+    are all-zero. A text longer than its level's length is cut with EOT kept in the last place.
+    `truncated` int32 [3] counts, per level (LEVELS), the texts that fill their whole length
+    (cut, or exactly full)."""
+    caption = tokenizer.encode([hierarchy.caption], caption_length)[0]
+    sentences = hierarchy.sentences[:max_sentences]
+    sent = np.zeros((max_sentences, sentence_length), np.int32)
+    if sentences:
+        sent[: len(sentences)] = tokenizer.encode(sentences, sentence_length)
     phrases = hierarchy.phrases[:max_phrases]
     phr = np.zeros((max_phrases, phrase_length), np.int32)
     if phrases:
         phr[: len(phrases)] = tokenizer.encode(phrases, phrase_length)
     valid = np.zeros((1 + max_sentences + max_phrases,), bool)
-    valid[: len(texts)] = True
+    valid[: 1 + len(sentences)] = True
     valid[1 + max_sentences : 1 + max_sentences + len(phrases)] = True
-    truncated = int(np.count_nonzero(sent[:, -1])) + int(np.count_nonzero(phr[:, -1]))
-    return {"sentences": sent, "phrases": phr, "valid": valid, "truncated": np.int32(truncated)}
+    truncated = [int(caption[-1] != 0), np.count_nonzero(sent[:, -1]), np.count_nonzero(phr[:, -1])]
+    return {
+        "caption": np.asarray(caption, np.int32),
+        "sentences": sent,
+        "phrases": phr,
+        "valid": valid,
+        "truncated": np.asarray(truncated, np.int32),
+    }

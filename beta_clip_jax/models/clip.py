@@ -116,38 +116,70 @@ class BetaCLIP(nn.Module):
         out = self.text(tokens.reshape(-1, tokens.shape[-1]))
         return out.reshape(*lead, out.shape[-1])
 
+    def encode_packed_text(self, tokens, segments, positions, eot) -> jax.Array:
+        """Packed texts (data/packing.py): tokens / segments / positions [G, R, L], eot [G, T]
+        -> [G, T, E], projected, each text read at its own EOT."""
+        return self.text(tokens, segments=segments, positions=positions, eot=eot)
+
     def pool(self, text_emb: jax.Array, patches: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(text [B, K, E], patches [B, P, E]) -> (pooled [B, K, E], attn [B, heads, K, P])."""
         return self.pooler(text_emb, patches)
 
-    def __call__(self, images: jax.Array, sentences: jax.Array, phrases: jax.Array) -> dict:
-        """One training forward: images [B,H,W,3], sentences [B,1+S,Ls], phrases [B,Kp,Lp].
+    def encode_texts(self, texts: dict) -> jax.Array:
+        """The K text slots of each image -> [B, K, E] (caption, sentences, phrases), from an
+        unpacked batch (caption [B, Lc], sentences [B, S, Ls], phrases [B, Kp, Lp]) or a packed
+        one (text_tokens / text_segments / text_positions [G, R, L], text_eot [G, g, K])."""
+        if "text_tokens" in texts:
+            eot = texts["text_eot"]
+            g, per_group, k = eot.shape
+            text = self.encode_packed_text(
+                texts["text_tokens"],
+                texts["text_segments"],
+                texts["text_positions"],
+                eot.reshape(g, per_group * k),
+            )
+            return text.reshape(g * per_group, k, text.shape[-1])
+        parts = [self.encode_text(texts["caption"])[:, None], self.encode_text(texts["sentences"])]
+        if texts["phrases"].shape[1]:
+            parts.append(self.encode_text(texts["phrases"]))
+        return jnp.concatenate(parts, axis=1)
+
+    def __call__(self, images: jax.Array, texts: dict) -> dict:
+        """One training forward: images [B,H,W,3] and the texts of encode_texts.
 
         Method outputs, only when config.method asks for them: "sentence_text" [B, 1+S, E]
         (caption + sentence slots, the texts SmartCLIP and Holistic CLIP train on),
         "smart_mask" [B, 1+S, E] (SmartCLIP, binary forward / straight-through backward),
-        "image_branches" [B, K, E] (Holistic; "image" is then their fusion).
+        "image_branches" [B, K, E] (Holistic; "image" is then their fusion). Both need
+        unpacked texts.
         """
         c = self.config
         branches, patches = self.encode_image_branches(images)
         cls = fuse_branches(branches) if branches.ndim == 3 else branches
         extra = {}
+        if c.method in ("smartclip", "holistic") and "caption" not in texts:
+            raise ValueError(f"model.method={c.method!r} needs unpacked texts (data.pack_texts)")
         if c.method == "smartclip":
+            sentences = jnp.concatenate(
+                [_pad_to(texts["caption"][:, None], texts["sentences"].shape[-1]),
+                 _pad_to(texts["sentences"], texts["caption"].shape[-1])], axis=1
+            )  # fmt: skip
             lead = sentences.shape[:-1]
             flat = sentences.reshape(-1, sentences.shape[-1])
-            text, states = self.text(flat, return_tokens=True)
-            text = text.reshape(*lead, text.shape[-1])
+            sent, states = self.text(flat, return_tokens=True)
+            sent = sent.reshape(*lead, sent.shape[-1])
             mask, _ = self.smart_mask(states.reshape(*lead, *states.shape[1:]), sentences != 0)
-            extra = {"sentence_text": text, "smart_mask": mask}
+            extra = {"sentence_text": sent, "smart_mask": mask}
+            text = sent
+            if texts["phrases"].shape[1]:
+                text = jnp.concatenate([text, self.encode_text(texts["phrases"])], axis=1)
         else:
-            text = self.encode_text(sentences)
+            text = self.encode_texts(texts)
         if c.method == "holistic":
             extra = {
-                "sentence_text": text,
+                "sentence_text": text[:, : 1 + texts["sentences"].shape[1]],
                 "image_branches": branches if branches.ndim == 3 else branches[:, None],
             }
-        if phrases.shape[1]:
-            text = jnp.concatenate([text, self.encode_text(phrases)], axis=1)
         pooled, _ = self.pool(text, patches)
         return {
             "image": cls,
@@ -166,13 +198,25 @@ def build_model(model_cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Bet
     return BetaCLIP(ml_collections.FrozenConfigDict(cfg))
 
 
-def dummy_inputs(model_cfg, batch: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Smallest inputs that create every parameter (images, sentences, phrases)."""
+def dummy_inputs(model_cfg, batch: int = 1) -> tuple[jax.Array, dict]:
+    """Smallest inputs that create every parameter (images, unpacked texts)."""
     c = model_cfg
     images = jnp.zeros((batch, c.image_size, c.image_size, 3), jnp.float32)
-    sentences = jnp.zeros((batch, 1, 4), jnp.int32)
-    phrases = jnp.zeros((batch, 1, 4), jnp.int32)
-    return images, sentences, phrases
+    texts = {
+        "caption": jnp.zeros((batch, 4), jnp.int32),
+        "sentences": jnp.zeros((batch, 1, 4), jnp.int32),
+        "phrases": jnp.zeros((batch, 1, 4), jnp.int32),
+    }
+    return images, texts
+
+
+def _pad_to(tokens: jax.Array, length: int) -> jax.Array:
+    """Zero-pads the last axis to `length` (a longer one stays): padding after the EOT changes no
+    embedding under causal attention and EOT pooling."""
+    extra = length - tokens.shape[-1]
+    if extra <= 0:
+        return tokens
+    return jnp.pad(tokens, [(0, 0)] * (tokens.ndim - 1) + [(0, extra)])
 
 
 def init_params(model: BetaCLIP, rng: jax.Array, *, boxed: bool = False) -> dict:

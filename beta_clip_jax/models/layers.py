@@ -12,8 +12,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from beta_clip_jax.sharding import LOGICAL_RULES
+
 LN_EPS = 1e-5
 _F32 = jnp.float32
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Activation sharding annotation in logical axis names, mapped to mesh axes by
+    sharding.LOGICAL_RULES (activations split over the batch axes). The rules are passed here,
+    not through a global nn.logical_axis_rules context: under such a context flax also constrains
+    parameter initialisers, and DenseGeneral initialises a flat kernel its 3 names do not fit.
+    A no-op outside a mesh."""
+    return nn.with_logical_constraint(x, axes, rules=LOGICAL_RULES)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -156,7 +167,7 @@ class ResidualBlock(nn.Module):
             x = x.reshape(stream_shape)
             y = BranchedDense(e, cd, std, name="fc2")(quick_gelu(y).reshape(*stream_shape[:3], -1))
             x = x + y.astype(_F32)
-            x = nn.with_logical_constraint(x, ("batch", None, "length", None))
+            x = constrain(x, ("batch", None, "length", None))
         else:
             y = nn.Dense(
                 e,
@@ -167,7 +178,7 @@ class ResidualBlock(nn.Module):
                 name="fc2",
             )(quick_gelu(y))
             x = x + y.astype(_F32)
-            x = nn.with_logical_constraint(x, ("batch", "length", None))
+            x = constrain(x, ("batch", "length", None))
         return (x, None) if self.carry else x
 
 

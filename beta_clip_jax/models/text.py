@@ -1,8 +1,9 @@
-"""Causal text tower in OpenAI CLIP layout with a long (default 248) positional table (spec 1.3).
+"""Causal text tower in OpenAI CLIP layout with a long (default 248) positional table.
 
 The first `frozen_positions` rows of the positional table pass through stop_gradient, so they
 keep the pretrained short-context positions; the optimizer also masks their updates so weight
 decay cannot move them. Any sequence length up to the table size works: positions are sliced.
+Texts may also come packed several to a row (data/packing.py); the numbers are the same.
 """
 
 from typing import Any
@@ -11,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from beta_clip_jax.models.layers import LayerNorm, block_stack, dense_proj, logical_init
+from beta_clip_jax.models.layers import LayerNorm, block_stack, constrain, dense_proj, logical_init
 
 
 class TextTower(nn.Module):
@@ -34,12 +35,33 @@ class TextTower(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, return_tokens: bool = False):
+    def __call__(
+        self,
+        tokens: jax.Array,
+        return_tokens: bool = False,
+        *,
+        segments: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        eot: jax.Array | None = None,
+    ):
+        """Unpacked: tokens [N, L] -> [N, E], each row read at its argmax id.
+
+        Packed (`segments` given; data/packing.py): tokens, segments, positions [G, R, L] hold
+        the texts of G groups in R rows each, eot [G, T] each text's flat index in its group's
+        R * L tokens -> [G, T, E]. A token attends only to its own text's earlier tokens and
+        takes the positional row of its place in that text, so each text computes exactly what
+        it computes alone.
+        """
+        packed = segments is not None
+        lead = tokens.shape[:-1]
+        tokens = tokens.reshape(-1, tokens.shape[-1])
         n, length = tokens.shape
         if length > self.context_length:
             raise ValueError(
                 f"text length {length} exceeds the model's context length {self.context_length}"
             )
+        if packed and return_tokens:
+            raise ValueError("return_tokens needs unpacked texts (per-token states per text)")
         d = self.width
         tok_table = self.param(
             "token_embedding",
@@ -52,11 +74,23 @@ class TextTower(nn.Module):
             (self.context_length, d),
         )
         f = min(self.frozen_positions, length)
-        pos = pos_table[:length]
-        if f:
-            pos = jnp.concatenate([jax.lax.stop_gradient(pos[:f]), pos[f:]], axis=0)
+        if packed:
+            positions = positions.reshape(n, length)
+            pos = jnp.take(pos_table, positions, axis=0)
+            if f:  # the frozen rows pass no gradient, wherever they sit in a packed row
+                pos = jnp.where((positions < f)[..., None], jax.lax.stop_gradient(pos), pos)
+            segments = segments.reshape(n, length)
+            attn = (segments[:, None, :, None] == segments[:, None, None, :]) & (
+                segments[:, None, None, :] > 0
+            )
+            attn = attn | jnp.eye(length, dtype=bool)  # a padding token attends to itself
+        else:
+            pos = pos_table[:length]
+            if f:
+                pos = jnp.concatenate([jax.lax.stop_gradient(pos[:f]), pos[f:]], axis=0)
+            attn = None
         x = jnp.take(tok_table, tokens, axis=0) + pos
-        x = nn.with_logical_constraint(x, ("batch", "length", None))
+        x = constrain(x, ("batch", "length", None))
 
         if self.layers:
             x, _ = block_stack(
@@ -68,16 +102,22 @@ class TextTower(nn.Module):
                 scan_layers=self.scan_layers,
                 remat=self.remat,
                 attention=self.attention,
-            )(x, None)
+            )(x, attn)
 
+        ln_final = LayerNorm(name="ln_final")
+        proj = dense_proj(self.embed_dim, self.dtype, d**-0.5, "proj")
+        if packed:
+            # Each text is read at its own EOT; LayerNorm is per token, so after the gather.
+            flat = x.reshape(lead[0], -1, d)
+            x = jnp.take_along_axis(flat, eot[..., None], axis=1)
+            return proj(ln_final(x)).astype(jnp.float32)
         # EOT (49407) is the largest id, so argmax finds the first EOT even with zero padding;
         # LayerNorm is per token, so applying it after the gather is the same and cheaper.
         eot = jnp.argmax(tokens, axis=-1)
-        ln_final = LayerNorm(name="ln_final")
         states = ln_final(x) if return_tokens else None
         if return_tokens:
             x = jnp.take_along_axis(states, eot[:, None, None], axis=1)[:, 0]
         else:
             x = ln_final(jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0])
-        out = dense_proj(self.embed_dim, self.dtype, d**-0.5, "proj")(x).astype(jnp.float32)
+        out = proj(x).astype(jnp.float32)
         return (out, states) if return_tokens else out

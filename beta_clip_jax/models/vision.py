@@ -31,6 +31,7 @@ from beta_clip_jax.models.layers import (
     LayerNorm,
     ResidualBlock,
     block_stack,
+    constrain,
     dense_proj,
     logical_init,
     remat_policy,
@@ -101,7 +102,7 @@ class VisionTower(nn.Module):
             make = cls_attention_mask if self.cls_attention == "block" else cls_attention_bias
             attn = make(k_cls, x.shape[1])
         x = LayerNorm(name="ln_pre")(x)
-        x = nn.with_logical_constraint(x, ("batch", "length", None))
+        x = constrain(x, ("batch", "length", None))
 
         k_mlp = self.branches if self.branches > 1 and self.branch_type == "mlp" else 0
         n_plain = self.layers - 1 if not k_mlp else self.layers - self.branch_layers
