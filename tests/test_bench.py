@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from beta_clip_jax import bench
@@ -108,3 +109,52 @@ def test_import_defines_no_flags_and_attention_override():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
     assert bench.bench_config(variant="tiny", attention="xla").model.attention == "xla"
     assert bench.bench_config(variant="tiny").model.attention == "auto"
+
+
+def test_batch_file_and_packing_comparison(tmp_path):
+    """--batch_file: the given batch (texts [B, K, L], caption / sentences / phrases) becomes our
+    batch with the run's per-level lengths; --compare_packing times it packed and unpacked. The
+    two compute the same first-step loss, and the token counts are exact."""
+    from beta_clip_jax.bench import batches
+
+    cfg = bench.bench_config(
+        variant="tiny",
+        batch=4,
+        k=6,
+        text_length=16,
+        phrase_length=8,
+        pack_texts=True,
+        scan_layers=False,
+        mesh={"data": -1, "fsdp": 1, "tensor": 1, "num_devices": 1},
+    )
+    assert cfg.data.pack_group == 4  # the default 8 cut down to tile the batch
+    rng = np.random.default_rng(0)
+    texts = np.zeros((4, 6, 20), np.int32)
+    lengths = [[9, 4, 20, 0, 5, 3], [16, 3, 3, 3, 8, 8], [5, 5, 0, 0, 0, 0], [12, 6, 6, 6, 11, 2]]
+    for b, row in enumerate(lengths):
+        for k, n in enumerate(row):
+            if n:
+                texts[b, k, :n] = rng.integers(1, 49000, n)
+                texts[b, k, 0], texts[b, k, n - 1] = 49406, 49407
+    path = tmp_path / "batch.npz"
+    np.savez(path, image=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), texts=texts)
+    unpacked = batches.file_batch(cfg, str(path))
+    assert unpacked["valid"].tolist() == (texts.any(-1)).tolist()
+    # K = 6: a caption and 5 sentences. The 20-token sentence is cut to 16, its EOT kept.
+    assert unpacked["sentences"].shape == (4, 5, 16) and unpacked["phrases"].shape == (4, 0, 8)
+    assert unpacked["sentences"][0, 1, -1] == 49407
+    r = bench.run(cfg, steps=1, warmup=0, pipeline=None, batch_file=str(path), compare_packing=True)
+    real = sum(min(n, 16) for row in lengths for n in row) / 4
+    for key in ("packed", "unpacked"):
+        assert r["packing"][key]["text_tokens"]["real_per_image"] == pytest.approx(real)
+    assert r["packing"]["unpacked"]["text_tokens"]["computed_per_image"] == 6 * 16
+    packed_tokens = r["packing"]["packed"]["text_tokens"]["computed_per_image"]
+    assert packed_tokens < 6 * 16 and packed_tokens % 4 == 0  # whole rows of 16, 4 images
+    assert r["config"]["lengths"] == f"file {path}" and r["config"]["pack_texts"]
+    _positive(r["packing"]["speedup"], "speedup")
+    assert r["packing"]["packed"]["loss"] == pytest.approx(
+        r["packing"]["unpacked"]["loss"], rel=1e-5
+    )
+    assert "packing on / off" in bench.format_table(r)
+    with pytest.raises(ValueError, match="6 text slots"):
+        batches.file_batch(bench.bench_config(variant="tiny", batch=4, k=3), str(path))

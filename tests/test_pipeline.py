@@ -132,7 +132,10 @@ def test_precomputed_texts_and_truncation_count(tmp_path, tok):
         )
         assert b["valid"][row].tolist() == [True] * 4 + [True, True, False, False]
     # Long sentence and the caption containing it fill their 32 tokens: 2 per image.
-    assert it.metrics()["data/truncated_texts"] == 4
+    m = it.metrics()
+    assert m["data/truncated_texts"] == 4
+    levels = [m[f"data/truncated_{level}"] for level in ("caption", "sentence", "phrase")]
+    assert levels == [2, 2, 0]  # counted per level
 
 
 def test_sentence_phrase_groups_in_reference_order_and_phraseless_records_kept(tmp_path, tok):

@@ -110,6 +110,7 @@ def packing_comparison(config, steps, warmup, peak, first: dict, batch_kw: dict)
             "median_s": [r["step"]["median_s"] for r in results],
             "examples_per_s": [r["step"]["examples_per_s"] for r in results],
             "flops_per_example": results[0]["flops"]["per_example"],
+            "loss": results[0]["step"]["loss"],
             "text_tokens": results[0]["text_tokens"],
         }
     best = lambda key: min(summary[key]["median_s"])
