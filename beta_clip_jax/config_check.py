@@ -178,13 +178,15 @@ def total_steps(config) -> int:
 
 
 def train_set_size(config) -> int:
-    """Records the training source offers after skip_first and max_records."""
+    """Records the training source offers after skip_first, the eval_fraction hold-out and
+    max_records (the range pipeline.shard_range reads)."""
     from beta_clip_jax.data import sources
 
     data = config.data
     size = int(data.get("image_size") or config.model.get("image_size") or 224)
-    num = len(sources.make_source(data, size))
+    total = len(sources.make_source(data, size))
     skip = data.skip_first
-    skip = sources.default_skip_first(data.name) if skip is None else skip
-    num = max(num - int(skip), 0)
+    skip = int(sources.default_skip_first(data.name) if skip is None else skip)
+    end, _ = sources.held_out_range(total, data.get("eval_fraction", 0.0), skip)
+    num = max(end - skip, 0)
     return num if data.max_records is None else min(num, int(data.max_records))

@@ -49,6 +49,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.split = "train"
     c.skip_first = config_dict.placeholder(int)  # None: 1000 (SV-1k) for sharegpt4v, else 0
     c.max_records = config_dict.placeholder(int)  # None: all
+    # Last fraction of the records (after skip_first) kept out of training for the `jsonl`
+    # evaluator's eval_fraction (sources.held_out_range decides the split for both).
+    c.eval_fraction = 0.0
     c.max_sentences = 5
     c.max_phrases = 30
     c.text_length = 248  # caption and sentence tokens, unless set per level below
@@ -346,15 +349,23 @@ class TrainIterator(grain.DatasetIterator):
             self._inner = None
 
 
-def shard_range(num_records, skip_first, max_records, process_index, process_count):
-    """(first, step, length): this process's source indices, first + step * k for k < length."""
+def shard_range(
+    num_records, skip_first, max_records, process_index, process_count, eval_fraction=0.0
+):
+    """(first, step, length): this process's source indices, first + step * k for k < length.
+
+    Training reads [skip_first, held-out start) capped at max_records; the held-out tail
+    (sources.held_out_range) is never read, whatever max_records is.
+    """
     start = min(skip_first, num_records)
-    stop = num_records if max_records is None else min(num_records, start + max_records)
+    end, _ = sources.held_out_range(num_records, eval_fraction, skip_first)
+    stop = end if max_records is None else min(end, start + max_records)
     length = (stop - start) // process_count
     if length < 1:
         raise ValueError(
-            f"{stop - start} records (of {num_records}, skip_first={skip_first}) cannot give "
-            f"every one of {process_count} processes a record"
+            f"{stop - start} records (of {num_records}, skip_first={skip_first}, "
+            f"eval_fraction={eval_fraction}) cannot give every one of {process_count} processes "
+            "a record"
         )
     return start + process_index, process_count, length
 
@@ -384,7 +395,10 @@ def build_batches(
     source = sources.make_source(data_cfg, size)
     skip = data_cfg.skip_first
     skip = sources.default_skip_first(data_cfg.name) if skip is None else skip
-    shard = shard_range(len(source), skip, data_cfg.max_records, process_index, process_count)
+    shard = shard_range(
+        len(source), skip, data_cfg.max_records, process_index, process_count,
+        data_cfg.get("eval_fraction", 0.0),
+    )  # fmt: skip
     first, step, length = shard
     if length < batch_size_per_process:
         raise ValueError(

@@ -11,13 +11,17 @@ those groups (for readers of the older format). Training merges the groups of th
 samples in β-CLIP's order (data/hierarchy.py). Phrases come from spaCy when spaCy and the model are
 importable, otherwise from the dependency-free fallback in data/hierarchy.py; the summary says
 which. ShareGPT4V input skips its first 1000 entries (SV-1k) by default, so the JSONL is trained on
-with no further skip. docs/data.md describes the format.
+with no further skip. Every image is decoded with the training decoder; an entry training would
+skip (unparseable line, no caption text, missing or undecodable image) is dropped and reported
+with its input line (JSONL) or entry index (json). `--check` reports without writing anything.
+docs/data.md describes the format.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import sys
@@ -31,32 +35,50 @@ _SPATIAL_WORDS = _SIDE_WORDS + [
     "inside", "outside", "above", "below", "under", "over", "centered", "frontside",
     "backside", "near", "nearby", "far",
 ]  # fmt: skip
+_log = logging.getLogger(__name__)
 
 
 def read_entries(path: str, fmt: str, skip_first: int):
-    """(image, caption) pairs of the input, after the first `skip_first`."""
+    """(where, image, caption, problem) of each input entry after the first `skip_first`.
+
+    `where` is the 1-based line number for JSONL (blank lines count as lines but are no
+    entries), the 0-based entry index for ShareGPT4V json; `problem` is "reason: detail" for a
+    JSONL line that cannot be parsed (its image and caption are then None), else None.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"input {path!r} not found")
     if fmt == "sharegpt4v":
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        for entry in data[skip_first:]:
+        for index, entry in enumerate(data[skip_first:], skip_first):
             try:
                 caption = entry["conversations"][1]["value"]
             except (KeyError, IndexError, TypeError):
                 caption = None
             if isinstance(caption, str):
                 caption = caption.replace("\n", " ")
-            yield entry.get("image"), caption
+            image = entry.get("image") if isinstance(entry, dict) else None
+            yield index, image, caption, None
     elif fmt == "jsonl":
-        with open(path, encoding="utf-8") as f:
-            lines = (line for line in f if line.strip())
-            for i, line in enumerate(lines):
-                if i >= skip_first:
-                    entry = json.loads(line)
-                    yield entry.get("image"), entry.get("caption")
+        with open(path, "rb") as f:  # bytes, so one bad line cannot stop the whole read
+            entries = ((n, line) for n, line in enumerate(f, 1) if line.strip())
+            for n, line in itertools.islice(entries, skip_first, None):
+                yield n, *_parse_line(line)
     else:
         raise ValueError(f"--format must be sharegpt4v or jsonl, got {fmt!r}")
+
+
+def _parse_line(line: bytes):
+    """(image, caption, problem) of one JSONL line."""
+    try:
+        entry = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, None, f"bad_utf8: {e}"
+    except json.JSONDecodeError as e:
+        return None, None, f"bad_record: not JSON ({e})"
+    if not isinstance(entry, dict):
+        return None, None, f"bad_record: a JSON {type(entry).__name__}, not an object"
+    return entry.get("image"), entry.get("caption"), None
 
 
 def split_caption(caption: str) -> list[str]:
@@ -187,75 +209,203 @@ def make_extractor(spacy_model: str | None):
     return None, "fallback heuristic (no --spacy_model)"
 
 
+# Summary counter of each drop reason (the reasons are the training pipeline's skip reasons).
+DROP_COUNTERS = {
+    "bad_record": "dropped_bad_record",
+    "bad_utf8": "dropped_bad_record",
+    "no_image_path": "dropped_bad_record",
+    "empty_caption": "dropped_bad_caption",
+    "non_text_caption": "dropped_bad_caption",
+    "missing_image": "dropped_missing_image",
+    "corrupt_image": "dropped_corrupt_image",
+}
+MAX_LISTED_DROPS = 50  # the summary lists this many drops; every drop is logged
+
+
+class _Drops:
+    """Every dropped entry: counted per summary key and logged when found; the summary lists
+    the first MAX_LISTED_DROPS in input order."""
+
+    def __init__(self, stats: dict, fmt: str, input_path: str):
+        self.stats, self.fmt, self.name = stats, fmt, os.path.basename(input_path)
+        self.found: list[tuple[int, object, str, str]] = []
+        for key in DROP_COUNTERS.values():
+            stats.setdefault(key, 0)
+
+    def add(self, where: int, image, problem: str) -> None:
+        reason, _, detail = problem.partition(": ")
+        self.stats[DROP_COUNTERS[reason]] += 1
+        at = f"{self.name}:{where}" if self.fmt == "jsonl" else f"{self.name}[{where}]"
+        _log.warning("prepare: dropping %s (%s): %s", at, reason, detail)
+        self.found.append((where, image, reason, detail))
+
+    def listed(self) -> list[dict]:
+        key = "line" if self.fmt == "jsonl" else "entry"
+        first = sorted(self.found, key=lambda d: d[0])[:MAX_LISTED_DROPS]
+        return [{key: w, "image": i, "reason": r, "detail": d} for w, i, r, d in first]
+
+
+def _text_problem(image, caption, sentences) -> str | None:
+    if not isinstance(image, str) or not image:
+        return f"no_image_path: image is {image!r}"
+    if not isinstance(caption, str):
+        return "non_text_caption: " + ("no caption" if caption is None else type(caption).__name__)
+    if not sentences:
+        return f"empty_caption: caption has no text ({caption[:80]!r})"
+    return None
+
+
 def prepare(
-    input_path, fmt, out_path, image_root=None, spacy_model=None, skip_first=None, processes=1
+    input_path,
+    fmt,
+    out_path=None,
+    image_root=None,
+    spacy_model=None,
+    skip_first=None,
+    processes=1,
+    check=False,
 ):
-    """Write the JSONL; returns a summary dict (counts, extractor used).
+    """Write the JSONL (nothing with `check`); returns a summary dict (counts, drops, extractor).
 
     `skip_first` None: the training sources' own default for `fmt` (SV-1k for sharegpt4v, none
     for jsonl), so the held-out entries are skipped here and never again on the JSONL.
-    A record whose sentences yield no phrase is written with empty groups, not dropped.
+    Every image is decoded (sources.image_problem, the training decoder; `processes` workers)
+    under `image_root`, which defaults to a JSONL input's folder, as training resolves it; a
+    ShareGPT4V json without image_root is not checked. Entries that training would skip are
+    dropped and reported by line (JSONL) or entry index (json). A record whose sentences yield
+    no phrase is written with empty groups, not dropped.
     """
     if skip_first is None:
         skip_first = sources.default_skip_first(fmt)
+    if not check and not out_path:
+        raise ValueError("prepare needs an output path (or check=True)")
+    given_root = image_root
+    if image_root is None and fmt == "jsonl":
+        image_root = sources.jsonl_image_root(input_path, None)
     stats = {"written": 0, "dropped_bad_caption": 0, "dropped_missing_image": 0}
+    drops = _Drops(stats, fmt, input_path)
     records = []
-    for image, caption in read_entries(input_path, fmt, skip_first):
+    for where, image, caption, problem in read_entries(input_path, fmt, skip_first):
         sentences = split_caption(caption) if isinstance(caption, str) else []
-        if not isinstance(image, str) or not sentences:
-            stats["dropped_bad_caption"] += 1
+        problem = problem or _text_problem(image, caption, sentences)
+        if problem:
+            drops.add(where, image, problem)
             continue
-        if image_root and not os.path.exists(os.path.join(image_root, image)):
-            stats["dropped_missing_image"] += 1
-            continue
-        records.append({"image": image, "caption": caption, "sentences": sentences})
-    extractor, stats["phrases_from"] = make_extractor(spacy_model)
-    sentence_lists = [r["sentences"] for r in records]
+        records.append((where, {"image": image, "caption": caption, "sentences": sentences}))
     pool = None
+    if processes > 1:
+        pool = multiprocessing.get_context("spawn").Pool(processes)
+    try:
+        if image_root is not None:
+            records = _decodable(records, image_root, pool, drops)
+        else:
+            _log.warning("prepare: no --image_root, so the images of %s are not checked", fmt)
+        stats.update(_kept_summary(drops, records, image_root, check))
+        if not check:
+            _warn_image_root(out_path, image_root, given_root)
+            stats["written"], stats["phrases_from"] = _write(
+                [r for _, r in records], out_path, spacy_model, processes, pool
+            )
+    finally:
+        if pool is not None:  # every result is consumed by now, or an error is on its way
+            pool.terminate()
+            pool.join()
+    stats["skip_first"] = skip_first
+    return stats
+
+
+def _decodable(records, image_root, pool, drops):
+    """The records whose image decodes; the others are dropped (reported)."""
+    paths = [os.path.join(image_root, r["image"]) for _, r in records]
+    problems = (
+        pool.imap(sources.image_problem, paths, 64) if pool else map(sources.image_problem, paths)
+    )
+    kept = []
+    for (where, record), problem in zip(records, problems, strict=True):
+        if problem:
+            drops.add(where, record["image"], ": ".join(problem))
+        else:
+            kept.append((where, record))
+    return kept
+
+
+def _kept_summary(drops, records, image_root, check) -> dict:
+    return {
+        "kept": len(records),
+        "dropped": drops.listed(),
+        "dropped_not_listed": max(len(drops.found) - MAX_LISTED_DROPS, 0),
+        "images_checked": image_root is not None,
+        "image_root": None if image_root is None else os.path.abspath(image_root),
+        "check_only": bool(check),
+        "phrases_from": "not run (check only)",
+    }
+
+
+def _warn_image_root(out_path, image_root, given_root) -> None:
+    """Training resolves relative paths against data.image_root, else the output's folder."""
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    if given_root is None and image_root and os.path.abspath(image_root) != out_dir:
+        _log.warning(
+            "prepare: images were found under %s but %s is written to another folder: train "
+            "with --config.data.image_root=%s",
+            os.path.abspath(image_root), out_path, os.path.abspath(image_root),
+        )  # fmt: skip
+
+
+def _write(records, out_path, spacy_model, processes, pool) -> tuple[int, str]:
+    """Phrase groups of every record, written as JSONL: (records written, extractor used)."""
+    extractor, phrases_from = make_extractor(spacy_model)
+    sentence_lists = [r["sentences"] for r in records]
     if extractor is not None:
         group_lists = extractor.run(sentence_lists, processes)
-    elif processes > 1:
-        pool = multiprocessing.get_context("spawn").Pool(processes)
+    elif pool is not None:
         group_lists = pool.imap(fallback_groups, sentence_lists, chunksize=256)
     else:
         group_lists = map(fallback_groups, sentence_lists)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    written = 0
     with open(out_path, "w", encoding="utf-8") as f:
         for record, groups in zip(records, group_lists, strict=True):
             record["sentence_phrases"] = groups
             record["phrases"] = hierarchy.merge_phrase_groups(groups)
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            stats["written"] += 1
-    if pool is not None:
-        pool.close()
-    stats["skip_first"] = skip_first
-    return stats
+            written += 1
+    return written, phrases_from
 
 
 def _define_flags() -> None:
     """Flags are defined only when run as a command, so importing this module defines none."""
     flags.DEFINE_string("input", None, "ShareGPT4V json or JSONL with image + caption.")
     flags.DEFINE_enum("format", "sharegpt4v", ["sharegpt4v", "jsonl"], "Input format.")
-    flags.DEFINE_string("image_root", None, "If set, drop entries whose image is missing.")
-    flags.DEFINE_string("out", None, "Output JSONL path.")
+    flags.DEFINE_string(
+        "image_root",
+        None,
+        "Folder the image paths are relative to (default: a JSONL input's folder); every image "
+        "is decoded there and entries with a missing or undecodable image are dropped.",
+    )
+    flags.DEFINE_string("out", None, "Output JSONL path (not needed with --check).")
+    flags.DEFINE_bool("check", False, "Check and report every entry, write nothing.")
     flags.DEFINE_string("spacy_model", "en_core_web_sm", "spaCy model; '' = fallback.")
     flags.DEFINE_integer(
         "skip_first", None, "Entries to skip (default: 1000 = SV-1k for sharegpt4v, 0 for jsonl)."
     )
-    flags.DEFINE_integer("processes", 1, "Worker processes for phrase extraction.")
+    flags.DEFINE_integer("processes", 1, "Worker processes for image checks and phrases.")
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
+    if not f.out and not f.check:
+        raise app.UsageError("--out is required (or --check to write nothing)")
     stats = prepare(
-        f.input, f.format, f.out, f.image_root, f.spacy_model or None, f.skip_first, f.processes
-    )
+        f.input, f.format, f.out, f.image_root, f.spacy_model or None, f.skip_first, f.processes,
+        check=f.check,
+    )  # fmt: skip
     json.dump(stats, sys.stdout, indent=1)
     print()
 
 
 if __name__ == "__main__":
     _define_flags()
-    flags.mark_flags_as_required(["input", "out"])
+    flags.mark_flags_as_required(["input"])
     app.run(main)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 
@@ -56,6 +57,19 @@ def open_image(src, draft_size: int | None = None) -> Image.Image:
         raise
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBomb...
         raise CorruptImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
+
+
+def image_problem(path: str, draft_size: int | None = None) -> tuple[str, str] | None:
+    """(reason, detail) when `path` cannot be trained on ("missing_image" / "corrupt_image", the
+    training pipeline's skip reasons), else None. Decodes with `open_image`, as training does, so
+    a file that passes here is one the pipeline can read."""
+    try:
+        open_image(path, draft_size=draft_size)
+    except FileNotFoundError:
+        return "missing_image", f"no file {path}"
+    except CorruptImageError as e:
+        return "corrupt_image", str(e)
+    return None
 
 
 def load_image(src) -> np.ndarray:
@@ -176,7 +190,7 @@ class JsonlSource:
 
     def __init__(self, path: str, image_root: str | None = None):
         _require(path, "JSONL file", self.how)
-        self.image_root = image_root or os.path.dirname(os.path.abspath(path))
+        self.image_root = jsonl_image_root(path, image_root)
         _require(self.image_root, "image root of the JSONL file", "set data.image_root")
         with open(path, "rb") as f:
             buf = np.frombuffer(f.read(), np.uint8)
@@ -185,13 +199,19 @@ class JsonlSource:
         starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
         keep = ends > starts  # skip empty lines (including after the final newline)
         self._file = _OffsetFile(path, starts[keep], ends[keep])
+        # The file's own 1-based line numbers, so a reported record can be found in an editor
+        # even when blank lines sit between records.
+        self._lines = (np.flatnonzero(keep) + 1).astype(np.int32)
         self._name = os.path.basename(path)
 
     def __len__(self) -> int:
         return len(self._file)
 
+    def line_number(self, index: int) -> int:
+        return int(self._lines[index])
+
     def record_id(self, index: int) -> str:
-        return f"{self._name}:{index + 1}"  # 1-based line number, empty lines not counted
+        return f"{self._name}:{self.line_number(index)}"
 
     def __getitem__(self, index: int) -> dict:
         entry = json.loads(self._file.read(index))
@@ -204,6 +224,11 @@ class JsonlSource:
             if entry.get(key) is not None:
                 record[key] = list(entry[key])
         return record
+
+
+def jsonl_image_root(path: str, image_root: str | None) -> str:
+    """The folder a JSONL's relative `image` paths are joined to: image_root, else the file's."""
+    return image_root or os.path.dirname(os.path.abspath(path))
 
 
 class Urban1KSource:
@@ -380,3 +405,21 @@ def make_source(data_cfg, image_size: int):
 def default_skip_first(name: str) -> int:
     """Records skipped at the start when data.skip_first is None: SV-1k for ShareGPT4V."""
     return SHAREGPT4V_HELD_OUT if name == "sharegpt4v" else 0
+
+
+def held_out_range(num_records: int, fraction: float, skip_first: int = 0) -> tuple[int, int]:
+    """[start, stop) of the records `data.eval_fraction` keeps out of training: the last
+    `fraction` of those after `skip_first`, rounded half up, at least one when fraction > 0.
+
+    The one rule for the split: training stops at `start` (pipeline.shard_range, config_check's
+    step count) and the `jsonl` evaluator reads exactly [start, stop), so no record is in both.
+    """
+    fraction = float(fraction or 0.0)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"data.eval_fraction must be in [0, 1), got {fraction}")
+    first = min(int(skip_first), num_records)
+    usable = num_records - first
+    held = int(math.floor(fraction * usable + 0.5))
+    if fraction > 0:
+        held = max(held, 1)  # a requested hold-out is never silently empty
+    return num_records - min(held, usable), num_records

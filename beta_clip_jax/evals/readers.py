@@ -38,11 +38,13 @@ DEFAULT_TEMPLATES = (
 
 @dataclasses.dataclass
 class RetrievalSet:
-    """Image-caption pairs; text_to_image[j] is the image index of captions[j]."""
+    """Image-caption pairs; text_to_image[j] is the image index of captions[j]. `skipped`: the
+    records a reader left out ("id: reason: detail"), None for readers that refuse bad data."""
 
     image_paths: list[str]
     captions: list[str]
     text_to_image: np.ndarray
+    skipped: list[str] | None = None
 
     def first_caption_per_image(self) -> list[str]:
         """One ground-truth caption per image (the first), used by text-conditioned scoring."""
@@ -60,6 +62,7 @@ class RetrievalSet:
             self.image_paths[:max_images],
             [c for c, k in zip(self.captions, keep, strict=True) if k],
             self.text_to_image[keep],
+            self.skipped,
         )
 
 

@@ -26,6 +26,7 @@ KINDS: dict[str, type[Evaluator]] = {
     "dci": RetrievalEvaluator,
     "coco": RetrievalEvaluator,
     "flickr30k": RetrievalEvaluator,
+    "jsonl": RetrievalEvaluator,
     "fgovd": FgovdEvaluator,
     "zeroshot": ZeroShotEvaluator,
     "synthetic": SyntheticEvaluator,

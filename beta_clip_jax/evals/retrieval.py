@@ -1,4 +1,5 @@
-"""Image-text retrieval evaluator: Urban1k, ShareGPT4V-1k, DCI, COCO and Flickr30k.
+"""Image-text retrieval evaluator: Urban1k, ShareGPT4V-1k, DCI, COCO, Flickr30k and a JSONL of
+our training format (a user's own held-out data).
 
 Always reports the plain dual-encoder score (CLS embedding vs caption embedding): t2i_r1/5/10,
 i2t_r1/5/10. With `tci` on, it also reports beta-CLIP's text-conditioned score (each gallery image
@@ -10,9 +11,13 @@ table. docs/evals.md describes each dataset's protocol and which published numbe
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
+import numpy as np
+
+from beta_clip_jax.data import hierarchy, sources
 from beta_clip_jax.evals import readers
 from beta_clip_jax.evals.base import (
     Evaluator,
@@ -49,7 +54,111 @@ def read_retrieval_set(name: str, kind: str, cfg: Any) -> readers.RetrievalSet:
         return _read_coco(name, cfg)
     if kind == "flickr30k":
         return _read_flickr30k(name, cfg)
+    if kind == "jsonl":
+        return _read_jsonl(name, cfg)
     raise ValueError(f"not a retrieval kind: {kind!r}")
+
+
+JSONL_CAPTION_MODES = ("caption", "joined")
+_MAX_SKIP_WARNINGS = 20
+_log = logging.getLogger(__name__)
+
+
+def _read_jsonl(name: str, cfg: Any) -> readers.RetrievalSet:
+    # `root` too, so that the evaluate command's --root=FILE fills it.
+    path, root = cfg_get(cfg, "path"), cfg_get(cfg, "root")
+    if path and root and path != root:
+        raise ValueError(f"evaluator {name!r} (jsonl): set path or root (the same file), not both")
+    return read_jsonl_set(
+        path or root or cfg_require(cfg, "path", name),
+        cfg_get(cfg, "image_root"),
+        caption_mode=cfg_get(cfg, "caption_mode", "caption"),
+        eval_fraction=float(cfg_get(cfg, "eval_fraction", 0.0)),
+        skip_first=int(cfg_get(cfg, "skip_first", sources.default_skip_first("jsonl"))),
+        check_images=bool(cfg_get(cfg, "check_images", True)),
+    )
+
+
+def read_jsonl_set(
+    path: str,
+    image_root: str | None = None,
+    *,
+    caption_mode: str = "caption",
+    eval_fraction: float = 0.0,
+    skip_first: int = 0,
+    check_images: bool = True,
+) -> readers.RetrievalSet:
+    """One caption per image from a JSONL of our training format, in file order.
+
+    Records are read by the training `JsonlSource`, so relative image paths resolve exactly as
+    in training (image_root, default the file's folder). eval_fraction > 0 reads only the tail
+    that `data.eval_fraction` keeps out of training (sources.held_out_range; skip_first must
+    then equal the run's data.skip_first), else every record. caption_mode "caption": the
+    caption de-duplicated as training does; "joined": all its sentences (the precomputed
+    `sentences` when present) joined with ". ", as a training caption is when none is dropped.
+    A record training would skip is left out with a warning and listed in `skipped`.
+    """
+    if caption_mode not in JSONL_CAPTION_MODES:
+        raise ValueError(f"jsonl caption_mode {caption_mode!r} not in {list(JSONL_CAPTION_MODES)}")
+    source = sources.JsonlSource(path, image_root)
+    start, stop = 0, len(source)
+    if eval_fraction:
+        start, stop = sources.held_out_range(len(source), eval_fraction, skip_first)
+    images, captions, skipped = [], [], []
+    for index in range(start, stop):
+        image, caption, problem = _jsonl_pair(source, index, caption_mode, check_images)
+        if problem:
+            skipped.append(f"{source.record_id(index)}: {problem}")
+        else:
+            images.append(image)
+            captions.append(caption)
+    for line in skipped[:_MAX_SKIP_WARNINGS]:
+        _log.warning("jsonl eval: skipping %s", line)
+    more = len(skipped) - _MAX_SKIP_WARNINGS
+    if more > 0:
+        _log.warning("jsonl eval: %d more records of %s skipped", more, path)
+    if not images:
+        raise ValueError(
+            f"{path}: none of records {start}..{stop - 1} (of {len(source)}) can be evaluated: "
+            + "; ".join(skipped[:3])
+        )
+    data = readers.one_to_one(images, captions)
+    data.skipped = skipped
+    return data
+
+
+def _jsonl_pair(source, index: int, caption_mode: str, check_images: bool):
+    """(image path, caption, None), or (None, None, "reason: detail") with the training
+    pipeline's skip reasons, so a record is rejected here exactly when training rejects it."""
+    try:
+        record = source[index]
+    except UnicodeDecodeError as e:
+        return None, None, f"bad_utf8: {e}"
+    except Exception as e:  # malformed JSON, a missing "image" or "caption" key
+        return None, None, f"bad_record: {type(e).__name__}: {e}"
+    caption = record["caption"]
+    if not isinstance(caption, str):
+        return None, None, f"non_text_caption: caption is {type(caption).__name__}"
+    # All sentences kept (no sampling), so the rng is never drawn from.
+    texts = hierarchy.build_hierarchy(
+        caption,
+        np.random.default_rng(0),
+        max_sentences=1 << 30,
+        max_phrases=0,
+        sentences=record.get("sentences"),
+    )
+    if not texts.sentences:
+        return None, None, f"empty_caption: caption has no text ({caption[:80]!r})"
+    path = record["image_path"]
+    if check_images:
+        problem = sources.image_problem(path)
+        if problem:
+            return None, None, ": ".join(problem)
+    elif not os.path.exists(path):
+        return None, None, f"missing_image: no file {path}"
+    if caption_mode == "joined":
+        return path, texts.caption, None
+    return path, hierarchy.dedupe_caption(caption), None
 
 
 COCO_PROTOCOLS = ("val2017", "karpathy")
@@ -225,12 +334,17 @@ class RetrievalEvaluator(Evaluator):
       * Flickr images: image_root, default root/flickr30k-images if present, else root.
       * COCO / Flickr: captions_per_image (default 5). The val2017 and token-file readers refuse
         an image with fewer; the Karpathy json keeps what there is.
+      * jsonl (our training format, e.g. a held-out file): path or root (the file), image_root
+        (default the file's folder), caption_mode "caption" | "joined", eval_fraction and
+        skip_first (only the tail data.eval_fraction held out of training), check_images
+        (default on: decode every image when built). Records training would skip are left out
+        and counted in the result's "skipped" (read_jsonl_set).
 
     tci defaults on for the long-caption sets (as beta-CLIP logs it) and off for COCO/Flickr.
     image_mode "crop" (CLIP transform) or "squash" (FG-CLIP's square resize).
     """
 
-    LONG_CAPTION_KINDS = ("urban1k", "sharegpt4v_1k", "dci")
+    LONG_CAPTION_KINDS = ("urban1k", "sharegpt4v_1k", "dci", "jsonl")
 
     def __init__(self, name: str, cfg: Any, image_size: int | None = None):
         super().__init__(name, cfg, image_size)
@@ -242,7 +356,7 @@ class RetrievalEvaluator(Evaluator):
     per_item = True
 
     def run(self, encoder, items: list | None = None) -> dict[str, float]:
-        return retrieval_scores(
+        results = retrieval_scores(
             encoder,
             self.data,
             self.batch_size,
@@ -250,3 +364,6 @@ class RetrievalEvaluator(Evaluator):
             image_mode=self.image_mode,
             items=items,
         )
+        if self.data.skipped is not None:
+            results["skipped"] = float(len(self.data.skipped))
+        return results
