@@ -4,7 +4,8 @@
 
 Each workdir's method comes from its config.json ("clip", "beta_clip ce beta=0.5", ...). Runs of
 the same method (several seeds) are one column, shown as mean ± sample standard deviation over the
-runs, with n. The final results are each run's last evaluation in metrics.jsonl.
+runs, with n. The final results are each run's last evaluation in metrics.jsonl, read as
+plots.read_run_metrics does (a rerun's lines replace those of a crashed run before it).
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@
 
 Only process 0 writes files; every process may log. Keys are prefixed train/, eval/<dataset>/,
 perf/ and data/ (docs/CONTRACTS.md, The workdir).
+
+A run that resumes calls `MetricsWriter.truncate_after(restored step)` first, so the lines a
+crashed run wrote past its last checkpoint do not stay in metrics.jsonl beside the rerun's;
+`latest_per_step` is the readers' defence for files written before that.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 
 import jax
@@ -26,15 +31,20 @@ class MetricsWriter:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         self.path = epath.Path(workdir) / "metrics.jsonl"
+        self._workdir = str(workdir)
         self._tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                from tensorboardX import SummaryWriter
+            self._open_tensorboard()
 
-                self._tb = SummaryWriter(str(workdir))
-            except ImportError:  # TensorBoard is optional; the JSON log is the record.
-                logging.warning("tensorboardX not installed: no TensorBoard events")
+    def _open_tensorboard(self, purge_step: int | None = None) -> None:
+        try:
+            from tensorboardX import SummaryWriter
+
+            # purge_step: TensorBoard hides the earlier events at steps >= it (a crashed run's).
+            self._tb = SummaryWriter(self._workdir, purge_step=purge_step)
+        except ImportError:  # TensorBoard is optional; the JSON log is the record.
+            logging.warning("tensorboardX not installed: no TensorBoard events")
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled or not scalars:
@@ -53,16 +63,85 @@ class MetricsWriter:
                 self._tb.add_scalar(key, float(value), int(step))
             self._tb.flush()
 
+    def truncate_after(self, step: int) -> int:
+        """Drops every metrics.jsonl line whose step is greater than `step` (and any line a
+        killed run left half-written); returns how many were dropped.
+
+        Call it with the restored step when a run resumes (-1 when it starts from scratch in a
+        workdir a crashed run left lines in): a crashed run's lines past its checkpoint would
+        otherwise stay beside the rerun's and the curves would jump back. A local file is
+        replaced atomically (a temporary file, then a rename), so a crash here loses nothing;
+        on object stores ("://") the whole file is rewritten, as `write` does.
+        """
+        if not self.enabled or not self.path.exists():
+            return 0
+        keep, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                record_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                record_step = None
+            if record_step is None or record_step > step:
+                dropped += 1
+            else:
+                keep.append(line + "\n")
+        if not dropped:
+            return 0
+        text = "".join(keep)
+        if "://" in str(self.path):
+            self.path.write_text(text)
+        else:
+            tmp = self.path.with_name(f"{self.path.name}.tmp.{os.getpid()}")
+            tmp.write_text(text)
+            os.replace(tmp, self.path)
+        if self._tb is not None:  # reopen so that TensorBoard drops the same steps
+            self._tb.close()
+            self._open_tensorboard(purge_step=max(int(step) + 1, 0))
+        logging.info(
+            "metrics.jsonl: dropped %d lines past step %d (a previous run's)", dropped, step
+        )
+        return dropped
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
 
 
 def read_metrics(workdir: str) -> list[dict]:
+    """Every line of metrics.jsonl, in order (a half-written line of a killed run is left out).
+    Plots and tables want `latest_per_step` of it."""
     path = epath.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                logging.warning("%s: skipping a line that is not JSON: %.80s", path, line)
+    return records
+
+
+def latest_per_step(records: list[dict]) -> list[dict]:
+    """One record per step, ascending, each key's value the last one written.
+
+    A run writes its lines in step order, so a line whose step is below an earlier one starts a
+    rerun (from a checkpoint, or from scratch): what was written before it at later steps came
+    from a run that died past its checkpoint, and is dropped, as `truncate_after` would have.
+    """
+    by_step: dict[int, dict] = {}
+    top = None
+    for record in records:
+        step = int(record["step"])
+        if top is not None and step < top:
+            for later in [s for s in by_step if s > step]:
+                del by_step[later]
+        top = step
+        by_step.setdefault(step, {}).update(record)
+    return [by_step[s] for s in sorted(by_step)]
 
 
 class Progress:

@@ -19,11 +19,17 @@ import sys
 from etils import epath
 
 from beta_clip_jax import objective
-from beta_clip_jax.metrics_writer import read_metrics
+from beta_clip_jax.metrics_writer import latest_per_step, read_metrics
 
 # Curves drawn in the lower panel, when the run logged them (eval/<dataset>/<metric>).
 EVAL_CURVES = ("box_hard", "box_binding", "box_medium", "box_easy", "caption_neg_acc", "t2i_r1")
 TRAIN_CURVES = ("train/loss", "train/loss_global", "train/loss_cal")
+
+
+def read_run_metrics(workdir: str) -> list[dict]:
+    """metrics.jsonl as one record per step, the last write of each key winning: a rerun's lines
+    replace those of a crashed run before it (metrics_writer.latest_per_step)."""
+    return latest_per_step(read_metrics(workdir))
 
 
 def read_config(workdir: str) -> dict:
@@ -56,7 +62,7 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def write_curves(workdir: str, out: str, title: str = "") -> str:
     """Training losses (top) and the synthetic evaluation metrics (bottom) against step."""
     plt = _pyplot()
-    records = read_metrics(workdir)
+    records = read_run_metrics(workdir)
     config = read_config(workdir)
     dataset = synthetic_eval_name(config)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
@@ -155,7 +161,7 @@ def write_run_plots(workdir: str, scene_index: int = 0, text: str | None = None)
 def final_results(workdir: str) -> tuple[int, dict[str, dict[str, float]]]:
     """(step, {dataset: {metric: value}}) of the run's last evaluation in metrics.jsonl."""
     step, results = -1, {}
-    for record in read_metrics(workdir):
+    for record in read_run_metrics(workdir):
         found = [k for k in record if k.startswith("eval/")]
         if not found or record["step"] < step:
             continue

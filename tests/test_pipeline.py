@@ -46,18 +46,23 @@ def take(it, n):
 
 
 def expected_skips(bad_kind, positions, shard, seed, max_attempts=100):
-    """Skip counts the documented replacement rule gives for these stream positions."""
+    """(distinct bad records per reason, distinct records read) the documented replacement
+    rule gives for these stream positions."""
     first, step, length = shard
-    counts = dict.fromkeys(pipeline.SKIP_REASONS, 0)
+    bad, seen = {}, set()
     for pos in positions:
         index = first + step * (pos % length)
         for attempt in range(1, max_attempts + 1):
+            seen.add(index)
             if bad_kind(index) is None:
                 break
-            counts[bad_kind(index)] += 1
+            bad[index] = bad_kind(index)
             rng = np.random.default_rng([seed, 0x5EED, pos, attempt])
             index = first + step * int(rng.integers(length))
-    return counts
+    counts = dict.fromkeys(pipeline.SKIP_REASONS, 0)
+    for reason in bad.values():
+        counts[reason] += 1
+    return counts, len(seen)
 
 
 @pytest.mark.parametrize("fmt", ["sharegpt4v", "jsonl", "urban1k"])
@@ -107,10 +112,10 @@ def test_real_layouts_read_back(tmp_path, tok, fmt):
             want = transforms.resize_center_crop(sources.load_image(image(i)), SIZE)
             np.testing.assert_array_equal(b["image"][row], want)
     positions = range(len(batches) * 4)  # the last partial batch is dropped
-    counts = expected_skips(kinds.get, positions, (skip, 1, n_good), seed=3)
+    counts, seen = expected_skips(kinds.get, positions, (skip, 1, n_good), seed=3)
     m = it.metrics()
     assert {r: m[f"data/skipped_{r}"] for r in pipeline.SKIP_REASONS} == counts
-    assert m["data/records_seen"] == len(positions) + sum(counts.values())
+    assert m["data/records_seen"] == seen  # distinct records, each bad one counted once
     assert counts["missing_image"] >= 1 and counts["corrupt_image"] >= 1
 
 
@@ -260,7 +265,9 @@ def test_worker_processes_match_in_process(tmp_path, tok):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
     assert metrics == ref.metrics()
-    assert metrics["data/records_seen"] == 10 + metrics["data/skipped_corrupt_image"]
+    # 10 distinct first-epoch records, plus the replacement's when it was not one of them.
+    assert metrics["data/skipped_corrupt_image"] == 1
+    assert metrics["data/records_seen"] in (10, 11)
     # The state does not depend on the number of workers: resume it in-process.
     it0 = pipeline.build_train_iterator(config("jsonl", path), **kw)
     it0.set_state(state)
@@ -268,3 +275,130 @@ def test_worker_processes_match_in_process(tmp_path, tok):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["sentences"], b["sentences"])
     assert it0.metrics() == metrics
+
+
+# A user's own small dataset: 48 images, one corrupt, one with an empty caption (lines 6, 18).
+OWN_BAD = {5: "corrupt_image", 17: "empty_caption"}
+
+
+def own_data(tmp_path, **overrides):
+    path, _ = make_jsonl(str(tmp_path), n=48, bad=OWN_BAD)
+    defaults = pipeline.default_data_config()
+    cfg = config(
+        "jsonl", path, max_skip_fraction=defaults.max_skip_fraction,
+        min_records_for_skip_check=defaults.min_records_for_skip_check,
+    )  # fmt: skip
+    for k, v in overrides.items():
+        cfg[k] = v
+    return cfg
+
+
+OWN_KW = dict(batch_size_per_process=4, seed=2, image_size=SIZE)  # 12 batches per epoch
+
+
+def test_small_dataset_stops_in_first_epoch_naming_both_records(tmp_path, tok):
+    it = pipeline.build_train_iterator(own_data(tmp_path), tokenizer=tok, **OWN_KW)
+    with pytest.raises(pipeline.DataSkipError) as info:
+        take(it, 12)
+    text = str(info.value)
+    assert text.startswith("2 of 48 distinct data records")  # not once per epoch, not >= 1000
+    assert "corrupt_image: 1 record" in text and "empty_caption: 1 record" in text
+    assert "data.jsonl:6: cannot decode image" in text and "data.jsonl:18: caption" in text
+    assert "fix these records" in text and "data.max_skip_fraction=0.05" in text
+    assert "python -m beta_clip_jax.data.prepare" in text
+
+
+def test_small_dataset_counts_each_bad_record_once_over_epochs_and_resume(tmp_path, tok, caplog):
+    cfg = own_data(tmp_path, max_skip_fraction=0.05)
+    it = pipeline.build_train_iterator(cfg, tokenizer=tok, **OWN_KW)
+    want = {"data/skipped_corrupt_image": 1, "data/skipped_empty_caption": 1}
+    with caplog.at_level("WARNING"):
+        first = take(it, 5)
+        mid_pass = json.loads(json.dumps(it.get_state()))  # some records not seen yet
+        first += take(it, 9)
+        later = json.loads(json.dumps(it.get_state()))
+        rest = take(it, 22)  # 36 batches: 3 epochs
+    m = it.metrics()
+    assert {k: m[k] for k in want} == want and m["data/records_seen"] == 48
+    assert sum(v for k, v in m.items() if k.startswith("data/skipped_")) == 2
+    skips = [r for r in caplog.records if "skipping unusable" in r.getMessage()]
+    assert len(skips) == 2  # one warning per reason, not per read
+    for state, expect in ((mid_pass, first[5:] + rest), (later, rest)):
+        it2 = pipeline.build_train_iterator(cfg, tokenizer=tok, **OWN_KW)
+        it2.set_state(state)
+        for a, b in zip(expect, take(it2, len(expect)), strict=True):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+        assert it2.metrics() == m  # the unique counts survive the restore
+    # A checkpoint from before the ledger restores the order; the skip counts start over.
+    old = {k: later[k] for k in ("next_batch", "counts", "records_seen", "examples")}
+    it3 = pipeline.build_train_iterator(cfg, tokenizer=tok, **OWN_KW)
+    it3.set_state(old)
+    np.testing.assert_array_equal(next(it3)["image"], rest[0]["image"])
+    assert sum(v for k, v in it3.metrics().items() if k.startswith("data/skipped_")) <= 2
+
+
+def test_small_dataset_with_workers_matches_in_process(tmp_path, tok):
+    cfg = own_data(tmp_path, max_skip_fraction=0.05)
+    ref = pipeline.build_train_iterator(cfg, tokenizer=tok, **OWN_KW)
+    want = take(ref, 26)
+    it = pipeline.build_train_iterator(
+        own_data(tmp_path, max_skip_fraction=0.05, num_workers=2), tokenizer=tok, **OWN_KW
+    )
+    try:
+        got = take(it, 26)
+    finally:
+        it.close()
+    for a, b in zip(want, got, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert it.metrics() == ref.metrics() and it.metrics()["data/skipped_corrupt_image"] == 1
+
+
+class _FlakyProcessor:
+    """Records 1 and 3 are unusable; counts reads per index."""
+
+    def __init__(self):
+        self.reads = {}
+
+    def __call__(self, index, rng):
+        self.reads[index] = self.reads.get(index, 0) + 1
+        if index in (1, 3):
+            raise pipeline._Skip("corrupt_image", f"record {index}: bad bytes")
+        return {"x": np.int32(index), "truncated": np.zeros(3, np.int32)}
+
+
+def test_loader_reads_a_bad_record_once_and_replaces_as_documented(tmp_path):
+    proc = _FlakyProcessor()
+    loader = pipeline.PositionLoader(proc, seed=7, shard=(0, 1, 6), max_attempts=100)
+    fresh = pipeline.PositionLoader(_FlakyProcessor(), seed=7, shard=(0, 1, 6), max_attempts=100)
+    got = [loader(pos, pos % 6) for pos in range(30)]  # 5 epochs, unshuffled
+    assert proc.reads[1] == proc.reads[3] == 1
+    bad = {1: "corrupt_image", 3: "corrupt_image"}.get
+    for pos, example in enumerate(got):
+        # Remembering a bad record changes no slot: a loader that never saw it agrees.
+        assert int(example["x"]) == int(fresh(pos, pos % 6)["x"])
+        assert not bad(int(example["x"])) and int(example["_offset"]) == int(example["x"])
+        assert int(example["_counts"][1]) == len(example["_examples"].split("\n")) * bool(
+            example["_examples"]
+        )
+    assert expected_skips(bad, range(30), (0, 1, 6), seed=7) == (
+        {**dict.fromkeys(pipeline.SKIP_REASONS, 0), "corrupt_image": 2},
+        6,
+    )
+
+
+def test_truncation_warns_once_per_level(tmp_path, tok, caplog):
+    sents = ["a red car", "a blue sky " * 20]
+    path, _ = make_jsonl(str(tmp_path), n=8, extra=lambda i: {"sentences": sents})
+    cfg = config("jsonl", path, sentence_length=16)
+    it = pipeline.build_train_iterator(
+        cfg, batch_size_per_process=2, seed=0, image_size=SIZE, tokenizer=tok
+    )
+    with caplog.at_level("WARNING"):
+        take(it, 6)
+    cut = [r.getMessage() for r in caplog.records if "were cut" in r.getMessage()]
+    assert len(cut) == 2  # caption and sentence, once each; no phrase is cut
+    assert cut[0].startswith("2 caption texts so far") and "data.caption_length=32" in cut[0]
+    assert "data.sentence_length=16" in cut[1] and "(default: data.text_length)" in cut[1]
+    assert it.metrics()["data/truncated_sentence"] == 12

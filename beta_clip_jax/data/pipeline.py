@@ -8,36 +8,33 @@ Every record is a pure function of (seed, epoch, source index): its crop and sen
 from `np.random.default_rng([seed, epoch, index, attempt])`. A record that cannot be used is
 replaced in the same batch slot by a record drawn from `(seed, position, attempt)`, so batches stay
 full and identical whatever the number of worker processes, and the iterator state (the next
-batch index plus the skip totals) restores exactly, even with another number of workers. Skips
-travel inside each batch ("_counts", "_examples"), so counting is correct with worker processes;
-`TrainIterator` strips them, keeps totals, warns once per reason with an example, and stops past
-`max_skip_fraction`.
+batch index plus the counters) restores exactly, even with another number of workers. Each loader
+copy remembers the records that failed and does not read them again (whether a record is usable
+does not depend on its draw, so this changes no batch). Skips travel inside each batch
+("_counts", "_examples", with the shard offset of each record), so counting is correct with
+worker processes; `TrainIterator` (data/iterator.py) strips them, counts each unusable record
+once against the distinct records seen, warns once per reason with an example, and stops past
+data.max_skip_fraction (docs/data.md, Bad records).
 """
 
 from __future__ import annotations
 
-import logging
-
 import grain
 import ml_collections
 import numpy as np
-from absl import flags
 from ml_collections import config_dict
 
 from beta_clip_jax.data import hierarchy, packing, sources, transforms
+from beta_clip_jax.data.iterator import (  # noqa: F401 (SKIP_REASONS: re-exported)
+    COUNTERS,
+    SKIP_REASONS,
+    TRUNCATION_COUNTERS,
+    DataSkipError,
+    TrainIterator,
+    failure_line,
+)
 
-SKIP_REASONS = (
-    "missing_image", "corrupt_image", "empty_caption", "non_text_caption", "bad_utf8",
-    "bad_record",
-)  # fmt: skip
-# Layout of the per-record "_counts" vector: the skip reasons, then per text level the texts
-# that filled their length (truncated or exactly full; counted, not skipped: truncation keeps
-# EOT), then phrases a packed batch had no room for (data/packing.py).
-TRUNCATION_COUNTERS = tuple(f"truncated_{level}" for level in hierarchy.LEVELS)
-COUNTERS = (*SKIP_REASONS, *TRUNCATION_COUNTERS, "pack_dropped_phrases")
 _REPLACEMENT_STREAM = 0x5EED
-
-log = logging.getLogger(__name__)
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -89,10 +86,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.synthetic.min_objects = 2
     c.synthetic.max_objects = 4
     return c
-
-
-class DataSkipError(RuntimeError):
-    """Too many records could not be used (past data.max_skip_fraction)."""
 
 
 class _Skip(Exception):
@@ -201,8 +194,10 @@ class PositionLoader:
     """grain map_with_index function: stream position + source index -> example with skips.
 
     A slot whose record is bad takes a replacement from the process's own shard, drawn from
-    (seed, position, attempt); every failure is counted in "_counts" and described in
-    "_examples" (newline-joined "reason: detail").
+    (seed, position, attempt). The example carries "_offset" (the shard offset k of the record
+    used; source index = first + step * k) and "_shard_size"; every failed attempt is counted
+    in "_counts" and described in "_examples" (newline-joined `iterator.failure_line`s), which
+    the TrainIterator turns into counts per distinct record.
     """
 
     def __init__(self, processor, *, seed, shard, max_attempts):
@@ -210,6 +205,22 @@ class PositionLoader:
         self.seed = int(seed)
         self.first, self.step, self.length = shard  # source index = first + step * k
         self.max_attempts = int(max_attempts)
+        # offset -> (reason, failure line) of the records found unusable by this copy. Whether a
+        # record is usable does not depend on its draw (the draw only samples sentences and a
+        # crop), so answering from here gives what reading again would, without the read: the
+        # batches stay the same for every number of worker processes (each has its own copy).
+        self._bad: dict[int, tuple[str, str]] = {}
+
+    def _example(self, offset: int, rng) -> dict | tuple[str, str]:
+        """The record's example, or (reason, failure line) if it cannot be used."""
+        known = self._bad.get(offset)
+        if known is not None:
+            return known
+        try:
+            return self.processor(self.first + self.step * offset, rng)
+        except _Skip as e:
+            self._bad[offset] = (e.reason, failure_line(offset, str(e)))
+            return self._bad[offset]
 
     def __call__(self, position: int, index: int) -> dict:
         counts = np.zeros(len(COUNTERS), np.int32)
@@ -219,134 +230,26 @@ class PositionLoader:
             if attempt:
                 rng = np.random.default_rng([self.seed, _REPLACEMENT_STREAM, position, attempt])
                 index = self.first + self.step * int(rng.integers(self.length))
+            offset = (int(index) - self.first) // self.step
             rng = np.random.default_rng([self.seed, epoch, int(index), attempt])
-            try:
-                example = self.processor(int(index), rng)
-            except _Skip as e:
-                counts[COUNTERS.index(e.reason)] += 1
-                failures.append(str(e))
+            example = self._example(offset, rng)
+            if isinstance(example, tuple):
+                counts[COUNTERS.index(example[0])] += 1
+                failures.append(example[1])
                 continue
             truncated = example.pop("truncated")
             first = COUNTERS.index(TRUNCATION_COUNTERS[0])
             counts[first : first + len(truncated)] = truncated
             example["_counts"] = counts
             example["_examples"] = "\n".join(failures)
+            example["_offset"] = np.int64(offset)
+            example["_shard_size"] = np.int64(self.length)
             return example
+        distinct = [line.split("\t", 1)[1] for line in dict.fromkeys(failures)]
         raise DataSkipError(
             f"{self.max_attempts + 1} records in a row could not be used at stream position "
-            f"{position}; examples:\n" + "\n".join(failures[:10])
+            f"{position} ({len(distinct)} distinct); examples:\n" + "\n".join(distinct[:10])
         )
-
-
-class TrainIterator(grain.DatasetIterator):
-    """Iterator of CONTRACTS.md batches; keeps the skip totals and resumes exactly.
-
-    Its state is the next batch index plus the totals (JSON-able), not grain's reader state, so
-    a run may resume with another num_workers / num_threads. Usable with get_state/set_state and
-    with grain.checkpoint.CheckpointSave/Restore (Orbax). Counts are this process's; `metrics()`
-    gives them as `data/skipped_<reason>` etc. Call `close()` to stop worker processes.
-    """
-
-    def __init__(self, batches, data_cfg, log_examples: bool = True):
-        super().__init__()
-        self._batches = batches  # MapDataset of raw batches (with "_counts"/"_examples")
-        self._read = grain.ReadOptions(
-            num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch
-        )
-        self._workers = int(data_cfg.num_workers)
-        self._buffer = int(data_cfg.prefetch)
-        self.max_skip_fraction = float(data_cfg.max_skip_fraction)
-        self.min_records = int(data_cfg.min_records_for_skip_check)
-        self.log_examples = log_examples
-        self._inner = None
-        self._next_batch = 0
-        self.counts = np.zeros(len(COUNTERS), np.int64)
-        self.records_seen = 0
-        self.examples: dict[str, list[str]] = {r: [] for r in SKIP_REASONS}
-        self._warned: set[str] = set()
-
-    def _start(self):
-        """Reader from batch `_next_batch` on. Workers take every num_workers-th batch and are
-        read round-robin, so the order equals the in-process one."""
-        it_ds = self._batches[self._next_batch :].to_iter_dataset(self._read)
-        if self._workers > 0:
-            _ensure_flags_parsed()
-            it_ds = it_ds.mp_prefetch(
-                grain.MultiprocessingOptions(
-                    num_workers=self._workers, per_worker_buffer_size=self._buffer
-                )
-            )
-        return iter(it_ds)
-
-    def __next__(self) -> dict:
-        if self._inner is None:
-            self._inner = self._start()
-        batch = next(self._inner)
-        self._next_batch += 1
-        counts = batch.pop("_counts").sum(axis=0)
-        details = batch.pop("_examples")
-        self.counts += counts
-        self.records_seen += len(batch["image"]) + int(counts[: len(SKIP_REASONS)].sum())
-        for text in details.reshape(-1).tolist():
-            for line in filter(None, text.split("\n")):
-                reason = line.split(":", 1)[0]
-                if len(self.examples[reason]) < 5:
-                    self.examples[reason].append(line)
-                if reason not in self._warned and self.log_examples:
-                    self._warned.add(reason)
-                    log.warning("skipping unusable data record (first %s): %s", reason, line)
-        self._check()
-        return batch
-
-    def _check(self):
-        skipped = int(self.counts[: len(SKIP_REASONS)].sum())
-        seen = self.records_seen
-        if seen >= self.min_records and skipped > self.max_skip_fraction * seen:
-            counts = zip(SKIP_REASONS, self.counts[: len(SKIP_REASONS)], strict=True)
-            lines = [f"  {r}: {int(n)}" for r, n in counts if n]
-            lines += [f"  e.g. {e}" for r in SKIP_REASONS for e in self.examples[r][:3]]
-            raise DataSkipError(
-                f"{skipped} of {seen} data records were unusable "
-                f"({skipped / seen:.2%} > data.max_skip_fraction={self.max_skip_fraction}):\n"
-                + "\n".join(lines)
-            )
-
-    def metrics(self) -> dict[str, int]:
-        """Totals for metrics.jsonl: data/skipped_<reason>, data/truncated_<level> and their sum
-        data/truncated_texts, data/pack_dropped_phrases, data/records_seen (this process's)."""
-        out = {f"data/skipped_{r}": int(self.counts[COUNTERS.index(r)]) for r in SKIP_REASONS}
-        levels = {f"data/{c}": int(self.counts[COUNTERS.index(c)]) for c in TRUNCATION_COUNTERS}
-        out.update(levels)
-        out["data/truncated_texts"] = sum(levels.values())
-        out["data/pack_dropped_phrases"] = int(self.counts[COUNTERS.index("pack_dropped_phrases")])
-        out["data/records_seen"] = int(self.records_seen)
-        return out
-
-    def get_state(self) -> dict:
-        return {
-            "next_batch": self._next_batch,
-            "counts": [int(n) for n in self.counts],
-            "records_seen": int(self.records_seen),
-            "examples": {r: list(e) for r, e in self.examples.items()},
-        }
-
-    def set_state(self, state: dict) -> None:
-        self.close()  # the reader restarts lazily at the restored position
-        self._next_batch = int(state["next_batch"])
-        self.counts = np.zeros(len(COUNTERS), np.int64)
-        if len(state["counts"]) == len(COUNTERS):
-            self.counts[:] = state["counts"]
-        else:  # a checkpoint of an older counter layout: the order resumes, the tallies restart
-            log.warning("data counters of an older layout in the checkpoint; counting anew")
-        self.records_seen = int(state["records_seen"])
-        self.examples = {r: list(state["examples"].get(r, [])) for r in SKIP_REASONS}
-
-    def close(self) -> None:
-        if self._inner is not None:
-            close = getattr(self._inner, "close", None)
-            if close is not None:
-                close()
-            self._inner = None
 
 
 def shard_range(
@@ -456,9 +359,3 @@ def build_train_iterator(
         micro_batches=micro_batches,
     )  # fmt: skip
     return TrainIterator(batches, data_cfg)
-
-
-def _ensure_flags_parsed():
-    """grain workers read absl flags; outside `app.run` (tests, notebooks) use their defaults."""
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
