@@ -23,8 +23,11 @@ def resolve_config(config):
     from beta_clip_jax.models.variants import resolve_model_config
 
     resolved = copy.deepcopy(config)
-    with resolved.unlocked():
-        resolved.model = resolve_model_config(config.model)
+    try:
+        with resolved.unlocked():
+            resolved.model = resolve_model_config(config.model)
+    except ValueError as e:  # an unknown variant or field: a config mistake, named
+        raise ConfigError(str(e)) from e
     return resolved
 
 
@@ -40,6 +43,7 @@ def check_config(config, device_count: int, process_count: int) -> None:
 def _check_config(config, device_count: int, process_count: int) -> None:
     if config.mode not in MODES:
         raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}")
+    _check_names(config)
     shape = sharding.mesh_shape(config.mesh, device_count)
     dp = shape[0] * shape[1]
     batch = int(config.batch_size)
@@ -84,6 +88,25 @@ def _check_config(config, device_count: int, process_count: int) -> None:
         raise ValueError("num_steps (or num_epochs) must give at least one step")
     if config.mode == "train" and config.loss.name == "beta_clip":
         _check_cal_start(objective.cal_start_step(config.loss), total_steps(config))
+
+
+def _check_names(config) -> None:
+    """Names that would otherwise fail only once data loading or the loss trace starts."""
+    from beta_clip_jax.data.sources import SOURCE_NAMES
+
+    choices = (
+        ("data.name", config.data.name, SOURCE_NAMES),
+        ("loss.name", config.loss.name, objective.LOSS_NAMES),
+        ("loss.mode", config.loss.mode, ("ce", "bce")),
+    )
+    for field, value, allowed in choices:
+        if value not in allowed:
+            raise ValueError(f"{field}={value!r} is not one of {', '.join(map(str, allowed))}")
+    if config.data.name in ("jsonl", "sharegpt4v", "urban1k") and not config.data.get("path"):
+        raise ValueError(
+            f"data.name={config.data.name!r} reads data.path, which is not set: "
+            "--config.data.path=FILE (docs/data.md says what the file holds)"
+        )
 
 
 def _check_packing(config, micro: int, accum: int, dp: int, process_count: int) -> None:

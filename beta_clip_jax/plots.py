@@ -22,7 +22,10 @@ from beta_clip_jax import objective
 from beta_clip_jax.metrics_writer import latest_per_step, read_metrics
 
 # Curves drawn in the lower panel, when the run logged them (eval/<dataset>/<metric>).
-EVAL_CURVES = ("box_hard", "box_binding", "box_medium", "box_easy", "caption_neg_acc", "t2i_r1")
+EVAL_CURVES = (
+    "box_hard", "box_binding", "box_medium", "box_easy", "caption_neg_acc",
+    "t2i_r1", "i2t_r1", "hard", "medium", "easy", "trivial", "top1",
+)  # fmt: skip
 TRAIN_CURVES = ("train/loss", "train/loss_global", "train/loss_cal")
 
 
@@ -64,7 +67,7 @@ def write_curves(workdir: str, out: str, title: str = "") -> str:
     plt = _pyplot()
     records = read_run_metrics(workdir)
     config = read_config(workdir)
-    dataset = synthetic_eval_name(config)
+    dataset = synthetic_eval_name(config) or next(iter(config.get("evals") or {}), None)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
     for key in TRAIN_CURVES:
         steps, values = _series(records, key)
@@ -136,14 +139,46 @@ def demo_scene(config: dict, index: int = 0) -> dict:
     return scenes[index]
 
 
+def heatmap_example(workdir: str, config: dict, scene_index: int = 0) -> tuple:
+    """(image, text) to draw: a synthetic eval scene and its first box text when the run has a
+    synthetic evaluator; else the run's own data: the first image and caption of its first
+    retrieval evaluator (a held-out set), else of its training data."""
+    if synthetic_eval_name(config):
+        record = demo_scene(config, scene_index)
+        return record["image"], record["box_texts"][0]
+    from beta_clip_jax.evals.base import load_image
+    from beta_clip_jax.evals.registry import build_evaluator
+
+    for name, cfg in (config.get("evals") or {}).items():
+        try:
+            data = getattr(build_evaluator(name, cfg), "data", None)
+        except (ValueError, OSError):  # a path gone since training: try the next source
+            continue
+        if data is not None and getattr(data, "image_paths", None):
+            return load_image(data.image_paths[scene_index]), _first_sentence(data.captions[0])
+    import ml_collections
+
+    from beta_clip_jax.data import sources
+
+    data_cfg = ml_collections.ConfigDict(config["data"])
+    size = int(config["data"].get("image_size") or config["model"]["image_size"])
+    record = sources.make_source(data_cfg, size)[scene_index]
+    image = record.get("image_path", record.get("image"))
+    return sources.load_image(image), _first_sentence(str(record.get("caption", "")))
+
+
+def _first_sentence(text: str) -> str:
+    return text.split(". ")[0].strip() or text
+
+
 def write_heatmap(workdir: str, out: str, scene_index: int = 0, text: str | None = None) -> str:
-    """The pooler attention and patch-text similarity of one phrase (default: the scene's first
-    box text, e.g. "a large red circle") over one synthetic eval scene, from the last checkpoint."""
+    """The pooler attention and patch-text similarity of one phrase over one image
+    (heatmap_example's; `text` overrides the phrase), from the last checkpoint."""
     from beta_clip_jax import api, visualize
 
-    record = demo_scene(read_config(workdir), scene_index)
+    image, default_text = heatmap_example(workdir, read_config(workdir), scene_index)
     encoder = api.load(str(workdir))
-    visualize.visualize(encoder, record["image"], text or record["box_texts"][0], out)
+    visualize.visualize(encoder, image, text or default_text, out)
     return out
 
 

@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from beta_clip_jax import checkpoint, objective, sharding
 from beta_clip_jax import step as step_lib
-from beta_clip_jax.config_check import check_config, resolve_config, total_steps
+from beta_clip_jax.config_check import ConfigError, check_config, resolve_config, total_steps
 from beta_clip_jax.data import pipeline
 from beta_clip_jax.metrics_writer import MetricsWriter, Progress
 from beta_clip_jax.models.clip import build_model
@@ -30,33 +30,62 @@ class NonFiniteError(FloatingPointError):
     """The loss or gradient stopped being finite; the last good checkpoint is kept."""
 
 
+# Exit status of a run stopped early by SIGTERM or SIGINT after saving its checkpoint: sysexits'
+# EX_TEMPFAIL ("try again"), so a scheduler can tell it from a finished run (0) and a crash.
+STOPPED_EXIT_STATUS = 75
+
+
+class Stopped(Exception):
+    """The run stopped early on SIGTERM / Ctrl-C with a checkpoint; rerunning resumes it."""
+
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(
+            f"{signal_name}: stopped at step {step} with a checkpoint; "
+            "rerun the same command to resume"
+        )
+        self.step = step
+
+
 class _Preemption:
-    """Remembers a SIGTERM so the loop can save a checkpoint at the next step boundary."""
+    """Remembers a SIGTERM or a first Ctrl-C, so the loop saves a checkpoint at the next step
+    boundary and stops; a second Ctrl-C exits at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested = None  # the signal's name once one arrived
+        self._previous = {}
 
     def install(self):
         def handler(signum, frame):
             del frame
-            logging.warning("signal %d: saving a checkpoint at the next step, then exiting", signum)
-            self.requested = True
+            name = signal.Signals(signum).name
+            if self.requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.requested = name
+            again = " (Ctrl-C again to exit at once, without a checkpoint)"
+            logging.warning(
+                "%s: saving a checkpoint at the next step, then stopping%s",
+                name,
+                again if signum == signal.SIGINT else "",
+            )
 
-        try:
-            self._previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread (e.g. inside some test runners)
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. inside some test runners)
+                pass
 
     def uninstall(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
     def agreed(self) -> bool:
         # Every process must save the same step, so the flag is agreed across processes.
         if jax.process_count() == 1:
-            return self.requested
-        flags = multihost_utils.process_allgather(np.array([self.requested]))
+            return bool(self.requested)
+        flags = multihost_utils.process_allgather(np.array([bool(self.requested)]))
         return bool(np.any(flags))
 
 
@@ -128,9 +157,14 @@ def _setup_workdir(config, workdir):
     keeps an existing config.json: it describes the training run, not the evaluation."""
     if jax.process_index() == 0:
         path = epath.Path(workdir) / "config.json"
-        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-        if config.mode != "eval" or not path.exists():
-            checkpoint.write_json(str(path), config.to_dict())
+        try:
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+            if config.mode != "eval" or not path.exists():
+                checkpoint.write_json(str(path), config.to_dict())
+        except OSError as e:  # read-only, no permission, a file in the way: a usage mistake
+            raise ConfigError(
+                f"cannot write the workdir {workdir}: {e}; pick another --workdir"
+            ) from e
 
 
 def _no_compilation_cache_on_cpu_clusters():
@@ -182,6 +216,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     params, opt_state, start, params_sh, opt_sh = _restore_or_init(
         config, workdir, model, tx, mesh, ckpt, data_iter
     )
+    # Lines a dead run wrote past the restored step would be drawn twice; a fresh start keeps
+    # none of them.
+    writer.truncate_after(start if start > 0 else -1)
     state = step_lib.TrainState(step=np.int32(start), params=params, opt_state=opt_state)
     state = jax.device_put(state, step_lib.TrainState(sharding.replicated(mesh), params_sh, opt_sh))
     jitted = step_lib.jit_train_step(model, tx, config, mesh, params_sh, opt_sh)
@@ -198,7 +235,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
             run_evaluators(evaluators, model, state.params, tokenizer, 0, writer, mesh=mesh)
         for step in range(start + 1, num_steps + 1):
             t0 = time.perf_counter()
-            local = next(data_iter)
+            try:
+                local = next(data_iter)
+            except pipeline.DataSkipError:
+                if pending is not None:  # keep what trained so far, like any other stop
+                    _check_finite(*pending)
+                    ckpt.save(
+                        step - 1, state.params, state.opt_state, data_iter, _meta(config), True
+                    )
+                    logging.warning("saved step %d before stopping for bad data", step - 1)
+                raise
             batch = sharding.global_batch_from_local(local, mesh)
             data_wait = time.perf_counter() - t0
             if compiled is None:
@@ -219,10 +265,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 _check_finite(*pending)
                 last = _log_step(step, metrics, schedules, progress, writer, data_iter)
             stop = config.get("stop_at_step", 0) and step >= config.stop_at_step
-            if preemption.agreed() or stop:
+            signalled = preemption.agreed()
+            if signalled or stop:
                 _check_finite(*pending)
                 ckpt.save(step, state.params, state.opt_state, data_iter, _meta(config), True)
                 logging.warning("stopping at step %d; rerun the same command to resume", step)
+                if signalled:
+                    raise Stopped(step, preemption.requested or "a signal on another process")
                 return last
             if step % config.checkpoint_every == 0 or step == num_steps:
                 _check_finite(*pending)

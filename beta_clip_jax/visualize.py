@@ -42,24 +42,44 @@ def attention_maps(encoder, image, text: str) -> tuple[np.ndarray | None, np.nda
     return attn.mean(axis=0).reshape(h, w), sim
 
 
+def attention_panel(attn: np.ndarray):
+    """(title, values, norm) of the attention panel: attention as a multiple of uniform, on a
+    fixed log scale from 1x (the bottom) to the patch count, the range in the title."""
+    from matplotlib.colors import LogNorm
+
+    ratio = attn * attn.size  # 1 = uniform
+    title = (
+        f"pooler attention / uniform (mean over heads)\n"
+        f"{ratio.min():.2f}x to {ratio.max():.2f}x; scale 1x to {attn.size}x"
+    )
+    norm = LogNorm(vmin=1.0, vmax=float(attn.size), clip=True)
+    return title, np.maximum(ratio, 1.0), norm
+
+
 def render(image: np.ndarray, text: str, attn: np.ndarray | None, sim: np.ndarray, out: str):
-    """Write a PNG: the image, then each available map overlaid on it (bilinear upsampling)."""
+    """Write a PNG: the image, then each available map overlaid on it (bilinear upsampling).
+
+    Attention is drawn as a multiple of uniform attention on a fixed log scale from 1 (uniform,
+    the scale's bottom: near-uniform attention looks flat, not focused) to the patch count (all
+    of it on one patch). Similarity keeps its own range; both panels print their value range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("image", None)]
+    panels = [("image", None, None)]
     if attn is not None:
-        panels.append(("pooler attention (mean over heads)", attn))
-    panels.append(("patch-text cosine similarity", sim))
+        panels.append(attention_panel(attn))
+    panels.append((f"patch-text cosine similarity\n{sim.min():.3f} to {sim.max():.3f}", sim, None))
     size = image.shape[0]
     edges = (-0.5, size - 0.5, size - 0.5, -0.5)  # the image's own pixel-edge extent
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4), squeeze=False)
-    for ax, (title, heat) in zip(axes[0], panels, strict=True):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.6), squeeze=False)
+    for ax, (title, heat, norm) in zip(axes[0], panels, strict=True):
         ax.imshow(image)
         if heat is not None:
-            shown = ax.imshow(heat, cmap="jet", alpha=0.5, interpolation="bilinear", extent=edges)
+            shown = ax.imshow(
+                heat, cmap="jet", alpha=0.5, interpolation="bilinear", extent=edges, norm=norm
+            )
             fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
         ax.set_title(title, fontsize=9)
         ax.axis("off")

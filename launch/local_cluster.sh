@@ -140,6 +140,7 @@ trap 'note "interrupted: passing SIGTERM on"; stop_all TERM; exit 143' INT TERM
 
 status=0
 failed=""
+STOPPED=75 # the trainer's status for "stopped early with a checkpoint; rerun to resume"
 start=$SECONDS
 left=$N
 while ((left)); do
@@ -150,7 +151,9 @@ while ((left)); do
     wait "${PIDS[i]}" || rc=$?
     EXIT_CODES[i]=$rc
     left=$((left - 1))
-    if ((rc != 0)) && [[ -z "$failed" ]]; then
+    if ((rc == STOPPED)) && [[ -z "$failed" ]]; then
+      status=$STOPPED # stopped with a checkpoint at the step all processes agreed on
+    elif ((rc != 0)) && [[ -z "$failed" ]]; then
       failed=$i
       status=$rc
       note "process $i failed (exit $rc); stopping the others"

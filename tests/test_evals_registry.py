@@ -55,6 +55,23 @@ def test_format_table_labels_text_conditioned_scores():
     assert registry.format_table({}) == "(no evaluation results)"
 
 
+def test_format_table_orders_metrics_and_wraps():
+    """Retrieval R@1/5/10 by direction, box splits by difficulty, counts last (not the
+    alphabetical order metrics.jsonl stores), wrapped to the width under the metrics column."""
+    metrics = {"box_easy": 70.0, "i2t_r1": 20.0, "box_hard": 25.0, "num_images": 256.0}
+    metrics.update({"t2i_r5": 80.0, "t2i_r1": 21.0, "box_medium": 55.0, "zeta": 1.0})
+    table = registry.format_table({"synthetic": metrics}, width=60)
+    body = [line for line in table.splitlines()[2:]]
+    cells = " ".join(body).split()[2:]
+    names = [c.split("=")[0] for c in cells]
+    assert names == [
+        "t2i_r1", "t2i_r5", "i2t_r1", "box_hard", "box_medium", "box_easy", "zeta", "num_images"
+    ]  # fmt: skip
+    assert len(body) > 1 and all(len(line) <= 60 for line in body)
+    column = body[0].index("t2i_r1")
+    assert all(line[:column].isspace() and line[column] != " " for line in body[1:])
+
+
 def _record(image, caption, caption_negs, boxes, box_texts, negatives):
     return dict(
         image=image,

@@ -48,3 +48,37 @@ def test_writes_png_and_command_line(tmp_path, monkeypatch):
         assert png.format == "PNG" and png.size[0] > png.size[1] > 100
     with pytest.warns(UserWarning, match="no pooler attention"):
         visualize.visualize(ColourFake(), np.asarray(Image.open(image_path)), "red", str(out))
+
+
+def test_attention_panel_has_a_fixed_scale():
+    """Uniform attention sits at the scale's bottom (it must not look focused); the scale does
+    not follow the data, and the title prints the range."""
+    uniform = np.full((4, 4), 1 / 16)
+    title, values, norm = visualize.attention_panel(uniform)
+    assert (norm.vmin, norm.vmax) == (1.0, 16.0) and np.allclose(values, norm.vmin)
+    assert "1.00x to 1.00x" in title
+    focused = np.zeros((4, 4))
+    focused[0, 0] = 1.0
+    title, values, norm = visualize.attention_panel(focused)
+    assert (norm.vmin, norm.vmax) == (1.0, 16.0) and values.max() == 16.0
+    assert "0.00x to 16.00x" in title
+
+
+def test_own_data_runs_draw_their_own_image(tmp_path):
+    """A run without synthetic evaluation draws the first image and caption of its own
+    evaluation set (here a held-out JSONL), not a synthetic scene."""
+    from test_data_sources import caption_for, make_jsonl
+
+    from beta_clip_jax import plots
+    from beta_clip_jax.data import sources
+
+    path, entries = make_jsonl(str(tmp_path), n=4)
+    config = {
+        "data": {"name": "jsonl", "path": path},
+        "model": {"image_size": 32},
+        "evals": {"own": {"kind": "jsonl", "path": path}},
+    }
+    image, text = plots.heatmap_example(str(tmp_path), config)
+    first = sources.load_image(str(tmp_path / entries[0][0]))
+    np.testing.assert_array_equal(image, first)
+    assert text == caption_for(0).split(". ")[0]

@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from train_helpers import load_config
 
+from beta_clip_jax.train import STOPPED_EXIT_STATUS
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny_test.py"
 NUM_STEPS = 10
@@ -108,9 +110,9 @@ def _stop(proc):
             proc.wait()
 
 
-def _assert_ok(result, logs=()):
+def _assert_ok(result, logs=(), expected=0):
     code, output = result
-    if code != 0:
+    if code != expected:
         tails = "\n".join(f"--- {p}:\n" + Path(p).read_text()[-4000:] for p in logs)
         raise AssertionError(f"run failed (exit {code}):\n{output[-4000:]}\n{tails}")
 
@@ -203,7 +205,7 @@ def runs(tmp_path_factory):
             )
             out["resumed_records"] = _records(chain)
             out["resumed_ckpt"] = (_committed_steps(chain) or [0])[-1]
-            if out["resumed"]["sent"] and out["resumed"]["result"][0] == 0:
+            if out["resumed"]["sent"] and out["resumed"]["result"][0] == STOPPED_EXIT_STATUS:
                 procs["finished"] = _start_cluster(chain, root / "finished_logs")
                 out["finished"] = _finish(procs["finished"])
         for name in ("full", "reference"):
@@ -337,11 +339,12 @@ def test_kill_one_process_then_resume_matches(runs):
 
 
 def test_sigterm_to_one_process_stops_all_then_resume_matches(runs):
-    """SIGTERM to process 1 only: both processes agree on a step, save it and exit 0; the same
-    command then finishes the run with the uninterrupted run's losses and final step."""
+    """SIGTERM to process 1 only: both processes agree on a step, save it and exit 75 (stopped
+    early, resumable); the same command then finishes the run with the uninterrupted run's
+    losses and final step."""
     root, chain = runs["root"], runs["paths"]["killed"]
     assert runs["killed"]["sent"] and runs["resumed"]["sent"], "the run was not signalled"
-    _assert_ok(runs["resumed"]["result"], _cluster_logs(root / "resumed_logs"))
+    _assert_ok(runs["resumed"]["result"], _cluster_logs(root / "resumed_logs"), STOPPED_EXIT_STATUS)
     stopped = runs["resumed_ckpt"]
     resumed = _new_losses(runs["resumed_records"], len(runs["killed_records"]))
     assert max(resumed) == stopped < NUM_STEPS

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from beta_clip_jax.data import hierarchy as H
 from beta_clip_jax.data import prepare, sources
@@ -214,7 +215,7 @@ def test_prepare_writes_sentence_groups_and_keeps_phrase_less_records(
     monkeypatch.setattr(prepare, "make_extractor", lambda model: (extractor, "spaCy (hand)"))
     records = [["cat", "woman"], ["none"], ["front", "dogs", "logo"]]
     captions = [". ".join(docs[n].text for n in names) for names in records]
-    (tmp_path / "img.jpg").write_bytes(b"")
+    Image.new("RGB", (4, 4)).save(tmp_path / "img.jpg")  # prepare decodes every image
     inputs = {
         "sharegpt4v": [
             {"image": "img.jpg", "conversations": [{"value": "<image>"}, {"value": c}]}

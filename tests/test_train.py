@@ -12,7 +12,7 @@ from train_helpers import losses, tiny_config
 
 from beta_clip_jax import checkpoint
 from beta_clip_jax.metrics_writer import read_metrics
-from beta_clip_jax.train import train_and_evaluate
+from beta_clip_jax.train import Stopped, train_and_evaluate
 
 
 def test_one_step_writes_workdir_contract(tmp_path):
@@ -79,7 +79,8 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
 
     thread = threading.Thread(target=send_sigterm_after_step_1)
     thread.start()
-    train_and_evaluate(config, workdir)
+    with pytest.raises(Stopped, match="SIGTERM: stopped at step"):
+        train_and_evaluate(config, workdir)
     thread.join()
     stopped_at = max(losses(read_metrics(workdir)))
     assert 1 <= stopped_at < 6
@@ -114,3 +115,47 @@ def test_eval_mode_keeps_the_runs_config(tmp_path):
     assert "synthetic" in results and "box_hard" in results["synthetic"]
     assert (tmp_path / "config.json").read_text() == before
     assert (tmp_path / "eval_results.json").exists()
+
+
+def test_crash_and_rerun_log_each_step_once(tmp_path, monkeypatch):
+    """A run dies at step 5 after its step-3 checkpoint; the rerun resumes at 3 and drops the
+    dead run's lines for 4 and 5 from metrics.jsonl, so every step is logged once."""
+    from beta_clip_jax import train
+
+    workdir = str(tmp_path)
+    real_log = train._log_step
+
+    def dying_log(step, *args, **kwargs):
+        out = real_log(step, *args, **kwargs)
+        if step == 5:
+            raise RuntimeError("simulated crash after step 5")
+        return out
+
+    monkeypatch.setattr(train, "_log_step", dying_log)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_and_evaluate(tiny_config(checkpoint_every=3), workdir)
+    assert [r["step"] for r in read_metrics(workdir) if "train/loss" in r] == [1, 2, 3, 4, 5]
+    monkeypatch.undo()
+    train_and_evaluate(tiny_config(checkpoint_every=3), workdir)
+    steps = [r["step"] for r in read_metrics(workdir) if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_stop_for_bad_data_keeps_a_checkpoint(tmp_path):
+    """Too many unusable records: the run stops naming them, after saving what it trained."""
+    from test_data_sources import make_jsonl
+
+    from beta_clip_jax.data.pipeline import DataSkipError
+
+    path, _ = make_jsonl(str(tmp_path / "data"), n=24, bad={3: "corrupt_image", 7: "empty_caption"})
+    config = tiny_config(
+        **{"data.name": "jsonl", "data.path": path, "data.max_skip_fraction": 0.01}
+    )
+    workdir = str(tmp_path / "run")
+    with pytest.raises(DataSkipError, match="data.max_skip_fraction") as err:
+        train_and_evaluate(config, workdir)
+    assert "prepare" in str(err.value)
+    trained = max(r["step"] for r in read_metrics(workdir) if "train/loss" in r)
+    ckpt = checkpoint.Checkpointer(workdir, every=1, keep=3)
+    assert ckpt.latest_step() == trained >= 1
+    ckpt.close()

@@ -82,27 +82,65 @@ def _fmt(value: float) -> str:
     return f"{value:.0f}" if float(value).is_integer() and abs(value) >= 100 else f"{value:.2f}"
 
 
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    """A plain-text table, one row per dataset and scoring.
+# Metrics in the order a reader compares them: retrieval R@1/5/10 by direction, FG-OVD and box
+# splits by difficulty, then the rest alphabetically, counts last.
+METRIC_ORDER = (
+    "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10",
+    "hard", "medium", "easy", "trivial",
+    "box_hard", "box_medium", "box_easy", "box_binding", "box_pointing", "pooler_box_attention",
+    "caption_neg_acc", "top1", "top5",
+)  # fmt: skip
+_COUNTS = ("num_images", "num_texts", "num_classes", "skipped")
+
+
+def _order(name: str) -> tuple:
+    if name in METRIC_ORDER:
+        return (0, METRIC_ORDER.index(name), name)
+    return (2 if name in _COUNTS else 1, 0, name)
+
+
+def _wrap(cells: list[str], width: int) -> list[str]:
+    """Cells joined by two spaces into lines of at most `width` characters (one cell a line at
+    the least)."""
+    lines, line = [], ""
+    for cell in cells:
+        if line and len(line) + 2 + len(cell) > width:
+            lines.append(line)
+            line = cell
+        else:
+            line = f"{line}  {cell}" if line else cell
+    return lines + ([line] if line else [])
+
+
+def format_table(results: dict[str, dict[str, float]], width: int | None = None) -> str:
+    """A plain-text table, one row per dataset and scoring, metrics in METRIC_ORDER, wrapped to
+    `width` columns (default: the terminal's, 100 when unknown).
 
     Text-conditioned ("tci_") numbers get their own row, marked as not a dual-encoder protocol,
     so they are never read as the standard retrieval score.
     """
-    rows: list[tuple[str, str, str]] = []
+    import shutil
+
+    width = width or shutil.get_terminal_size((100, 24)).columns
+    rows: list[tuple[str, str, list[str]]] = []
     for dataset, metrics in results.items():
         plain = {k: v for k, v in metrics.items() if not k.startswith(TCI_PREFIX)}
         tci = {k[len(TCI_PREFIX) :]: v for k, v in metrics.items() if k.startswith(TCI_PREFIX)}
         for scoring, group in (("dual-encoder", plain), ("text-conditioned*", tci)):
             if group:
-                cells = "  ".join(f"{k}={_fmt(v)}" for k, v in group.items())
+                cells = [f"{k}={_fmt(group[k])}" for k in sorted(group, key=_order)]
                 rows.append((dataset, scoring, cells))
     if not rows:
         return "(no evaluation results)"
     w0 = max(len("dataset"), *(len(r[0]) for r in rows))
     w1 = max(len("scoring"), *(len(r[1]) for r in rows))
+    indent = w0 + w1 + 4
     lines = [f"{'dataset':<{w0}}  {'scoring':<{w1}}  metrics"]
-    lines.append("-" * len(lines[0]))
-    lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+    lines.append("-" * max(len(lines[0]), min(width, 100)))
+    for dataset, scoring, cells in rows:
+        wrapped = _wrap(cells, max(20, width - indent))
+        lines.append(f"{dataset:<{w0}}  {scoring:<{w1}}  {wrapped[0]}")
+        lines += [" " * indent + more for more in wrapped[1:]]
     if any(r[1].startswith("text-conditioned") for r in rows):
         lines.append(
             "* each gallery image pooled with its own caption (beta-CLIP's logged score); "
