@@ -15,13 +15,10 @@ def _positive(x, name):
     assert isinstance(x, (int, float)) and math.isfinite(x) and x > 0, (name, x)
 
 
-def _tiny(scan_layers=False):
+def _tiny(scan_layers=False, **overrides):
+    settings = dict(variant="tiny", batch=4, k=3, text_length=16, phrase_length=8)
     return bench.bench_config(
-        variant="tiny",
-        batch=4,
-        k=3,
-        text_length=16,
-        phrase_length=8,
+        **{**settings, **overrides},
         scan_layers=scan_layers,
         mesh={"data": -1, "fsdp": 1, "tensor": 1, "num_devices": 1},
     )
@@ -117,16 +114,7 @@ def test_batch_file_and_packing_comparison(tmp_path):
     two compute the same first-step loss, and the token counts are exact."""
     from beta_clip_jax.bench import batches
 
-    cfg = bench.bench_config(
-        variant="tiny",
-        batch=4,
-        k=6,
-        text_length=16,
-        phrase_length=8,
-        pack_texts=True,
-        scan_layers=False,
-        mesh={"data": -1, "fsdp": 1, "tensor": 1, "num_devices": 1},
-    )
+    cfg = _tiny(k=6, pack_texts=True)
     assert cfg.data.pack_group == 4  # the default 8 cut down to tile the batch
     rng = np.random.default_rng(0)
     texts = np.zeros((4, 6, 20), np.int32)
