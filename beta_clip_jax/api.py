@@ -4,8 +4,10 @@ Inputs are batched internally at a fixed batch size (the last batch padded) so e
 compiles once per shape. Images at the model's resolution go in as they are; others are resized
 (bicubic, shortest side) and centre-cropped as in CLIP evaluation. Encoders always compute in
 float32, whatever `model.dtype` a run trains in, as the reference evaluates in float32.
+`Encoder.zero_shot_classifier(class_names)` builds a reusable zero-shot classifier.
 """
 
+import dataclasses
 import logging
 
 import jax
@@ -15,6 +17,9 @@ import numpy as np
 from beta_clip_jax.convert import import_pretrained, parse_spec
 from beta_clip_jax.data import packing
 from beta_clip_jax.data.transforms import resize_center_crop
+from beta_clip_jax.evals.base import l2_normalize
+from beta_clip_jax.evals.readers import resolve_templates
+from beta_clip_jax.evals.zeroshot import class_embeddings
 from beta_clip_jax.models.clip import BetaCLIP, build_model, normalize_images
 
 _log = logging.getLogger(__name__)
@@ -229,6 +234,61 @@ class Encoder:
         if len(texts) != len(images):
             raise ValueError(f"one text per image: got {len(texts)} texts, {len(images)} images")
         return images, self._trim(self.tokenize(texts))
+
+    def zero_shot_classifier(
+        self, class_names, templates="openai80", *, logit_scale: float = 100.0
+    ) -> "ZeroShotClassifier":
+        """A ZeroShotClassifier over `class_names`: embeds the prompts once, then
+        `.classify(images)` as often as needed (see ZeroShotClassifier)."""
+        return ZeroShotClassifier(self, class_names, templates, logit_scale=logit_scale)
+
+
+@dataclasses.dataclass
+class ZeroShotPrediction:
+    """ZeroShotClassifier.classify's result for N images and C classes: probs [N, C] (softmax
+    of logit_scale * cosine), top [N, k] class indices (best first, ties to the lower index)
+    and names [N][k], the class names of `top`."""
+
+    probs: np.ndarray
+    top: np.ndarray
+    names: list[list[str]]
+
+
+class ZeroShotClassifier:
+    """Zero-shot classes: each is the normalised mean of its prompts' text embeddings (the CLIP
+    prompt ensemble of evals/zeroshot.class_embeddings, as the zeroshot evaluator scores), built
+    once in `weights` [C, E] and reused by every classify call.
+
+    templates: "openai80" (the CLIP paper's 80 ImageNet prompts), "openai7", the path of a
+    templates file (one per line) or a list of strings, each with one "{}" for the class name.
+    logit_scale multiplies the cosine similarities before the softmax (100 as in CLIP's own
+    zero-shot example); it changes the probabilities, never the ranking.
+    """
+
+    def __init__(self, encoder, class_names, templates="openai80", *, logit_scale=100.0):
+        self.encoder = encoder
+        self.class_names = [str(c) for c in class_names]
+        if not self.class_names:
+            raise ValueError("zero-shot classifier: class_names is empty")
+        self.templates = resolve_templates(templates)
+        self.logit_scale = float(logit_scale)
+        self.weights = class_embeddings(
+            encoder, self.class_names, self.templates, encoder.batch_size
+        )
+
+    def scores(self, images) -> np.ndarray:
+        """uint8 [N, H, W, 3] -> [N, C] cosine similarity of each image to each class."""
+        return l2_normalize(self.encoder.embed_images(images)) @ self.weights.T
+
+    def classify(self, images, top_k: int = 5) -> ZeroShotPrediction:
+        """Class probabilities and the top_k classes of each image (uint8 [N, H, W, 3])."""
+        scores = self.scores(images)
+        logits = self.logit_scale * scores
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, : max(1, top_k)]
+        names = [[self.class_names[c] for c in row] for row in top]
+        return ZeroShotPrediction(probs.astype(np.float32), top, names)
 
 
 def float32_model(model: BetaCLIP) -> BetaCLIP:

@@ -67,5 +67,10 @@ def get_config(branch_type: str = "cls"):
         kind="coco", protocol="karpathy", root="data/coco", every=every, batch_size=128
     )
     c.evals.flickr30k = dict(kind="flickr30k", root="data/flickr30k", every=every, batch_size=128)
-    c.evals.imagenet = dict(kind="zeroshot", root="data/imagenet/val", every=every, batch_size=128)
+    # ImageNet val sorted into its synset folders (val/n01440764/*.JPEG): the folders map to
+    # CLIP's ImageNet-1k class names with the 80 OpenAI templates (evals/imagenet_classes.py).
+    # templates="openai7" embeds 7 prompts per class instead of 80 (cheaper evaluations).
+    c.evals.imagenet = dict(
+        kind="zeroshot", root="data/imagenet/val", templates="openai80", every=every, batch_size=128
+    )
     return c

@@ -11,8 +11,11 @@ import json
 import logging
 import os
 import re
+import string
 
 import numpy as np
+
+from beta_clip_jax.evals import imagenet_classes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -23,17 +26,23 @@ FGOVD_FILES = {
     "trivial": "shuffle_negatives_llava.jsonl",
 }
 
-# The 7-template ensemble of the CLIP authors' ImageNet notebook (beta-CLIP's early evaluator also
-# used 7 templates); a templates.txt beside the class folders overrides it.
-DEFAULT_TEMPLATES = (
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
+# Prompt-template sets by name (the zero-shot evaluator's `templates` field): "openai80" is the
+# CLIP paper's ImageNet ensemble, "openai7" the 7 of them the CLIP authors' notebook selected
+# (beta-CLIP's early evaluator also used 7). DEFAULT_TEMPLATES stays the 7-template set.
+TEMPLATE_SETS = {
+    "openai80": imagenet_classes.OPENAI_IMAGENET_TEMPLATES,
+    "openai7": imagenet_classes.OPENAI_7_TEMPLATES,
+}
+DEFAULT_TEMPLATES = imagenet_classes.OPENAI_7_TEMPLATES
+TEMPLATES_FILE_HINT = "one template per line, each with one {} where the class name goes"
+CLASSNAMES_FILE_HINT = "one class name per line, in sorted folder order"
+# Where read_image_folder says its class names came from when it used the ImageNet-1k table.
+IMAGENET_TABLE = "the ImageNet-1k table (WordNet-id folders)"
+_IMAGENET_NAMES = dict(
+    zip(imagenet_classes.IMAGENET_WNIDS, imagenet_classes.IMAGENET_CLASSNAMES, strict=True)
 )
+# Folder names that are ids, not words: a WordNet synset id or a bare number.
+_ID_FOLDER = re.compile(r"n\d{8}|\d+")
 
 
 @dataclasses.dataclass
@@ -83,6 +92,8 @@ class ClassificationSet:
     labels: np.ndarray
     classnames: list[str]
     templates: list[str]
+    classnames_from: str = ""  # a file path, IMAGENET_TABLE or "folder names"
+    templates_from: str = ""  # a file path or a TEMPLATE_SETS name
 
 
 def _require(path: str, what: str, hint: str = "") -> str:
@@ -397,29 +408,121 @@ def _read_lines(path: str) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
+def _placeholders(template: str) -> list[str] | None:
+    """The replacement fields of a format string ("" for each {}), None if it does not parse."""
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        return None
+
+
+def check_templates(templates: list[str], source: str) -> list[str]:
+    """`templates` when each has exactly one {} and no other field, else a ValueError naming
+    `source` and the template."""
+    if not templates:
+        raise ValueError(f"{source}: no prompt templates ({TEMPLATES_FILE_HINT})")
+    for number, template in enumerate(templates, 1):
+        if _placeholders(template) != [""]:
+            raise ValueError(
+                f"{source}: template {number} {template!r} is not usable: expected exactly one "
+                "{} (where the class name goes) and no other braces"
+            )
+    return list(templates)
+
+
+def resolve_templates(templates) -> list[str]:
+    """Prompt templates from a TEMPLATE_SETS name, a templates file path or a list of strings."""
+    if not isinstance(templates, str):
+        return check_templates([str(t) for t in templates], "templates")
+    if templates in TEMPLATE_SETS:
+        return list(TEMPLATE_SETS[templates])
+    if os.path.isfile(templates):
+        return check_templates(_read_lines(templates), templates)
+    if os.sep in templates or templates.endswith(".txt"):
+        _require(templates, "templates file", f"({TEMPLATES_FILE_HINT})")
+    raise ValueError(
+        f"templates {templates!r} is neither a template set ({', '.join(TEMPLATE_SETS)}) nor "
+        f"an existing templates file ({TEMPLATES_FILE_HINT})"
+    )
+
+
+def _folder_classnames(
+    root: str, dirs: list[str], classnames_file: str | None
+) -> tuple[list[str], str]:
+    """(class names, where they came from): a names file wins, then the ImageNet-1k table for
+    WordNet-id folders, then the folder names; id-like folders with no names file are refused,
+    as their prompts ("a photo of a n01440764.") would score near chance without a warning."""
+    if classnames_file:
+        _require(classnames_file, "zero-shot classnames_file", f"({CLASSNAMES_FILE_HINT})")
+    path = classnames_file or os.path.join(root, "classnames.txt")
+    if os.path.exists(path):
+        names = _read_lines(path)
+        if len(names) != len(dirs):
+            raise ValueError(
+                f"{path}: {len(names)} names for {len(dirs)} class folders ({CLASSNAMES_FILE_HINT})"
+            )
+        return names, path
+    if all(d in _IMAGENET_NAMES for d in dirs):
+        return [_IMAGENET_NAMES[d] for d in dirs], IMAGENET_TABLE
+    ids = [d for d in dirs if _ID_FOLDER.fullmatch(d)]
+    if ids:
+        unknown = [d for d in ids if d not in _IMAGENET_NAMES]
+        why = "not ImageNet-1k WordNet ids" if unknown else "mixed with other folder names"
+        examples = unknown or ids
+        raise ValueError(
+            f"zero-shot: {len(ids)} of the {len(dirs)} class folders of {root} are named by ids, "
+            f"not class names (e.g. {', '.join(examples[:3])}: {why}), so the prompts would "
+            f"read 'a photo of a {examples[0]}.'. Put a classnames.txt in {root} "
+            f"({CLASSNAMES_FILE_HINT}) or set the evaluator's classnames_file field."
+        )
+    return [d.replace("_", " ") for d in dirs], "folder names"
+
+
+def _folder_templates(
+    root: str, templates_file: str | None, templates: str | None, imagenet: bool
+) -> tuple[list[str], str]:
+    """(templates, where they came from): templates (a set name or file) or templates_file, else
+    root/templates.txt, else "openai80" for ImageNet-table names and "openai7" otherwise."""
+    if templates and templates_file:
+        raise ValueError(
+            f"zero-shot: both templates={templates!r} and templates_file={templates_file!r} "
+            "are set; keep one"
+        )
+    if templates_file:
+        _require(templates_file, "zero-shot templates_file", f"({TEMPLATES_FILE_HINT})")
+    choice = templates or templates_file
+    if not choice:
+        beside = os.path.join(root, "templates.txt")
+        choice = beside if os.path.exists(beside) else ("openai80" if imagenet else "openai7")
+    return resolve_templates(choice), choice
+
+
 def read_image_folder(
-    root: str, classnames_file: str | None = None, templates_file: str | None = None
+    root: str,
+    classnames_file: str | None = None,
+    templates_file: str | None = None,
+    templates: str | None = None,
 ) -> ClassificationSet:
     """Zero-shot layout: root/<class_dir>/*.jpg, class index = sorted order of class_dir.
 
-    Class names come from classnames_file (one per line, in sorted-folder order; default
-    root/classnames.txt if present, else the folder names with "_" -> " "); templates from
-    templates_file (one per line with "{}"; default root/templates.txt, else DEFAULT_TEMPLATES).
+    Class names: classnames_file (one per line, in sorted-folder order; default
+    root/classnames.txt if present); else, when every folder is an ImageNet-1k WordNet id
+    (n01440764, ...), the CLIP names of imagenet_classes.py; else the folder names with "_" ->
+    " ". Id-like folders (n + 8 digits, or a number) with no names file are a ValueError.
+    Templates: `templates` (a TEMPLATE_SETS name or a file path) or templates_file (one per line,
+    each with "{}"); default root/templates.txt, else "openai80" when the names came from the
+    ImageNet table and "openai7" (DEFAULT_TEMPLATES) otherwise.
     """
     _require(root, "zero-shot image folder (one subfolder per class)")
     dirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not dirs:
-        raise FileNotFoundError(f"zero-shot: no class subfolders in {root}")
-    classnames_file = classnames_file or os.path.join(root, "classnames.txt")
-    if os.path.exists(classnames_file):
-        classnames = _read_lines(classnames_file)
-        if len(classnames) != len(dirs):
-            raise ValueError(f"{classnames_file}: {len(classnames)} names for {len(dirs)} folders")
-    else:
-        classnames = [d.replace("_", " ") for d in dirs]
-    templates_file = templates_file or os.path.join(root, "templates.txt")
-    templates = (
-        _read_lines(templates_file) if os.path.exists(templates_file) else list(DEFAULT_TEMPLATES)
+        raise FileNotFoundError(
+            f"zero-shot: no class subfolders in {root} (expected root/<class>/*.jpg; an ImageNet "
+            "val/ must first be sorted into its synset folders, root/n01440764/*.JPEG, ...)"
+        )
+    classnames, names_from = _folder_classnames(root, dirs, classnames_file)
+    prompts, templates_from = _folder_templates(
+        root, templates_file, templates, imagenet=names_from == IMAGENET_TABLE
     )
     paths, labels = [], []
     for label, d in enumerate(dirs):
@@ -429,4 +532,5 @@ def read_image_folder(
                 labels.append(label)
     if not paths:
         raise FileNotFoundError(f"zero-shot: no images under {root}/<class>/")
-    return ClassificationSet(paths, np.asarray(labels, np.int64), classnames, templates)
+    labels = np.asarray(labels, np.int64)
+    return ClassificationSet(paths, labels, classnames, prompts, names_from, templates_from)

@@ -1,11 +1,16 @@
 """Zero-shot classification evaluator on an image-folder layout (class subfolders).
 
 Each class's text embedding is the normalised mean of its prompt-template embeddings (the CLIP
-prompt ensemble); images use the CLS path; reports top1 and top5 accuracy in %.
+prompt ensemble); images use the CLS path; reports top1 and top5 accuracy in %. Class names and
+templates are resolved by readers.read_image_folder: an ImageNet tree of WordNet-id folders
+(n01440764, ...) gets the CLIP ImageNet-1k names and the 80 OpenAI templates, and id-like
+folders with no names file are refused rather than turned into prompts like "a photo of a
+n01440764.".
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -22,6 +27,8 @@ from beta_clip_jax.evals.base import (
 )
 from beta_clip_jax.evals.metrics import topk_accuracy
 
+_log = logging.getLogger(__name__)
+
 
 def class_embeddings(encoder, classnames, templates, batch_size: int) -> np.ndarray:
     """[num_classes, E]: per class, the normalised mean over templates of normalised embeddings."""
@@ -32,7 +39,10 @@ def class_embeddings(encoder, classnames, templates, batch_size: int) -> np.ndar
 
 
 class ZeroShotEvaluator(Evaluator):
-    """Config: root (root/<class>/*.jpg), classnames_file and templates_file (both optional).
+    """Config: root (root/<class>/*.jpg); optional classnames_file, and templates (a template-set
+    name, "openai80" or "openai7", or a templates file path) or templates_file. Defaults:
+    root/classnames.txt, else ImageNet names for WordNet-id folders, else the folder names;
+    root/templates.txt, else "openai80" for ImageNet-table names and "openai7" otherwise.
 
     max_examples keeps an evenly spaced subset of the images, so every class stays represented.
     """
@@ -45,12 +55,24 @@ class ZeroShotEvaluator(Evaluator):
             cfg_require(cfg, "root", name),
             cfg_get(cfg, "classnames_file"),
             cfg_get(cfg, "templates_file"),
+            cfg_get(cfg, "templates"),
         )
         n = len(self.data.image_paths)
         if self.max_examples and self.max_examples < n:
             keep = np.linspace(0, n - 1, int(self.max_examples)).round().astype(int)
             self.data.image_paths = [self.data.image_paths[i] for i in keep]
             self.data.labels = self.data.labels[keep]
+        data = self.data
+        _log.info(
+            "zeroshot %r: %d classes, names from %s (e.g. %r); %d templates from %s; %d images",
+            name,
+            len(data.classnames),
+            data.classnames_from,
+            data.templates[0].format(data.classnames[0]),
+            len(data.templates),
+            data.templates_from,
+            len(data.image_paths),
+        )
 
     def run(self, encoder) -> dict[str, float]:
         data = self.data
