@@ -83,6 +83,7 @@ def _check_config(config, device_count: int, process_count: int) -> None:
         _check_packing(config, micro, accum, dp, process_count)
     if int(config.log_every) <= 0 or int(config.checkpoint_every) <= 0:
         raise ValueError("log_every and checkpoint_every must be positive")
+    _check_telemetry(config)
     check_paths(config)
     if config.mode == "train" and total_steps(config) <= 0:
         raise ValueError("num_steps (or num_epochs) must give at least one step")
@@ -107,6 +108,19 @@ def _check_names(config) -> None:
             f"data.name={config.data.name!r} reads data.path, which is not set: "
             "--config.data.path=FILE (docs/data.md says what the file holds)"
         )
+
+
+WANDB_MODES = ("", "online", "offline", "disabled")
+
+
+def _check_telemetry(config) -> None:
+    """The profiler range and the W&B mode: mistakes here would surface only steps later."""
+    from beta_clip_jax.profiling import parse_profile_steps
+
+    parse_profile_steps(config.get("profile_steps", ""))
+    mode = config.get("wandb", {}).get("mode", "")
+    if mode not in WANDB_MODES:
+        raise ValueError(f"wandb.mode={mode!r} is not one of online, offline, disabled")
 
 
 def _check_packing(config, micro: int, accum: int, dp: int, process_count: int) -> None:

@@ -47,4 +47,13 @@ def base_config(variant: str = "B/16") -> ml_collections.ConfigDict:
     c.write_plots = False  # at the end: final table, curves.png, heatmap.png (plots.py)
     c.stop_at_step = 0  # > 0: save and exit at that step as if preempted (for tests and demos)
     c.evals = ml_collections.ConfigDict()
+    # "START,END": a jax.profiler trace of steps START..END in workdir/plugins/profile/ (process
+    # 0), which TensorBoard's profile plugin opens.
+    c.profile_steps = ""
+    # Device peak TFLOP/s for perf/mfu (0: the table for known accelerators, else measured).
+    c.peak_tflops = 0.0
+    # Weights & Biases (process 0): a project (or mode="offline") turns it on.
+    c.wandb = ml_collections.ConfigDict(
+        {"project": "", "entity": "", "name": "", "group": "", "tags": "", "mode": "", "dir": ""}
+    )
     return c

@@ -1,6 +1,7 @@
 """Metrics to metrics.jsonl and TensorBoard in the workdir, and a progress line on the console.
 
-Only process 0 writes files; every process may log. Keys are prefixed train/, eval/<dataset>/,
+Only process 0 writes files (and the optional Weights & Biases run: config.wandb); every process
+may log. Keys are prefixed train/, eval/<dataset>/,
 perf/ and data/ (docs/CONTRACTS.md, The workdir).
 
 A run that resumes calls `MetricsWriter.truncate_after(restored step)` first, so the lines a
@@ -14,7 +15,9 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
+import uuid
 
 import jax
 from etils import epath
@@ -25,17 +28,32 @@ def _plain(value):
     return value if math.isfinite(value) else str(value)
 
 
-class MetricsWriter:
-    """Appends one JSON object per write; mirrors scalars to TensorBoard."""
+def wandb_mode(wandb_cfg) -> str:
+    """'online', 'offline' or '' (no W&B run): an explicit mode, else online once a project is
+    named."""
+    if not wandb_cfg:
+        return ""
+    mode = str(wandb_cfg.get("mode") or "")
+    if mode == "disabled":
+        return ""
+    return mode or ("online" if wandb_cfg.get("project") else "")
 
-    def __init__(self, workdir: str):
+
+class MetricsWriter:
+    """Appends one JSON object per write; mirrors scalars to TensorBoard and, when config.wandb
+    asks for it, to a Weights & Biases run that holds the resolved config."""
+
+    def __init__(self, workdir: str, wandb_cfg=None, run_config: dict | None = None):
         self.enabled = jax.process_index() == 0
         self.path = epath.Path(workdir) / "metrics.jsonl"
         self._workdir = str(workdir)
         self._tb = None
+        self._wandb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._open_tensorboard()
+            if wandb_mode(wandb_cfg):
+                self._wandb = _open_wandb(wandb_cfg, self._workdir, run_config or {})
 
     def _open_tensorboard(self, purge_step: int | None = None) -> None:
         try:
@@ -62,6 +80,8 @@ class MetricsWriter:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, float(value), int(step))
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: float(v) for k, v in scalars.items()}, step=int(step))
 
     def truncate_after(self, step: int) -> int:
         """Drops every metrics.jsonl line whose step is greater than `step` (and any line a
@@ -107,6 +127,47 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+# The W&B run id of a workdir, so a resumed run continues the same W&B run.
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def _open_wandb(wandb_cfg, workdir: str, run_config: dict):
+    try:
+        import wandb
+    except ImportError as e:
+        from beta_clip_jax.config_check import ConfigError
+
+        raise ConfigError(
+            "config.wandb asks for a Weights & Biases run but wandb is not installed: "
+            "pip install wandb (or set --config.wandb.mode=disabled)"
+        ) from e
+    id_path = epath.Path(workdir) / WANDB_ID_FILE
+    run_id = id_path.read_text().strip() if id_path.exists() else uuid.uuid4().hex[:8]
+    id_path.write_text(run_id + "\n")
+    # W&B writes its files on a local disk; a bucket workdir keeps them in the temp directory.
+    local_dir = str(wandb_cfg.get("dir") or "")
+    if not local_dir:
+        local_dir = tempfile.gettempdir() if "://" in workdir else workdir
+    tags = [t.strip() for t in str(wandb_cfg.get("tags") or "").split(",") if t.strip()]
+    return wandb.init(
+        project=wandb_cfg.get("project") or "beta_clip_jax",
+        entity=wandb_cfg.get("entity") or None,
+        name=wandb_cfg.get("name") or os.path.basename(workdir.rstrip("/")) or None,
+        group=wandb_cfg.get("group") or None,
+        tags=tags or None,
+        mode=wandb_mode(wandb_cfg),
+        dir=local_dir,
+        id=run_id,
+        resume="allow",
+        config=run_config,
+        # Training prints its own progress; W&B must not wrap the console.
+        settings=wandb.Settings(console="off"),
+    )
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -144,8 +205,21 @@ def latest_per_step(records: list[dict]) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def format_duration(seconds: float) -> str:
+    """'HH:MM:SS', with whole days in front past 24 h ('1d 09:00:00'); '?' when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    days, rest = divmod(int(round(max(seconds, 0.0))), 86400)
+    hours, rest = divmod(rest, 3600)
+    clock = f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
 class Progress:
-    """Step timing split into data wait and step time, with throughput and an ETA."""
+    """Step timing split into data wait and step time, with throughput and an ETA.
+
+    Time spent outside the steps (evaluations, the first compile) is given to `exclude`, so that
+    neither the throughput nor the ETA counts it."""
 
     def __init__(self, total_steps: int, examples_per_step: int, start_step: int):
         self.total = total_steps
@@ -153,15 +227,21 @@ class Progress:
         self.window_start = time.perf_counter()
         self.window_steps = 0
         self.data_wait = 0.0
+        self.excluded = 0.0
         self.start_step = start_step
+        self.eta = float("nan")
 
     def add(self, data_wait: float) -> None:
         self.window_steps += 1
         self.data_wait += data_wait
 
+    def exclude(self, seconds: float) -> None:
+        """Leaves `seconds` of the current window out of the step timing."""
+        self.excluded += seconds
+
     def summary(self, step: int) -> dict:
         """Closes the window: perf/ metrics since the last summary."""
-        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        elapsed = max(time.perf_counter() - self.window_start - self.excluded, 1e-9)
         steps = max(self.window_steps, 1)
         out = {
             "perf/steps_per_sec": steps / elapsed,
@@ -177,14 +257,16 @@ class Progress:
         self.window_start = time.perf_counter()
         self.window_steps = 0
         self.data_wait = 0.0
+        self.excluded = 0.0
         return out
 
     def line(self, step: int, scalars: dict) -> str:
-        eta = getattr(self, "eta", float("nan"))
-        eta_txt = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        eta_txt = format_duration(self.eta)
+        mfu = scalars.get("perf/mfu")
+        mfu_txt = f"MFU {mfu * 100:.1f}%  " if mfu is not None else ""
         return (
             f"step {step}/{self.total}  loss {scalars.get('train/loss', float('nan')):.4f}  "
             f"{scalars.get('perf/examples_per_sec', 0):.1f} ex/s  "
             f"step {scalars.get('perf/step_time_sec', 0) * 1e3:.0f} ms  "
-            f"data {scalars.get('perf/data_wait_sec', 0) * 1e3:.0f} ms  ETA {eta_txt}"
+            f"data {scalars.get('perf/data_wait_sec', 0) * 1e3:.0f} ms  {mfu_txt}ETA {eta_txt}"
         )

@@ -16,13 +16,14 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from beta_clip_jax import checkpoint, objective, sharding
+from beta_clip_jax import checkpoint, objective, perf, sharding
 from beta_clip_jax import step as step_lib
 from beta_clip_jax.config_check import ConfigError, check_config, resolve_config, total_steps
 from beta_clip_jax.data import pipeline
 from beta_clip_jax.metrics_writer import MetricsWriter, Progress
 from beta_clip_jax.models.clip import build_model
 from beta_clip_jax.optim import make_optimizer
+from beta_clip_jax.profiling import StepProfiler
 from beta_clip_jax.tokenizer import Tokenizer
 
 
@@ -195,7 +196,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     )
     evaluators = _build_evaluators(config)
     _setup_workdir(config, workdir)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, config.get("wandb"), config.to_dict())
 
     if config.mode == "eval":
         return _evaluate_only(config, workdir, model, tx, mesh, evaluators, tokenizer, writer)
@@ -227,8 +228,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     preemption.install()
     examples = int(config.batch_size)
     progress = Progress(num_steps, examples, start)
+    profiler = StepProfiler(config.get("profile_steps", ""), workdir)
     last = {}
     compiled = None
+    utilization = None  # what perf/mfu needs, once the step is compiled
     pending = None  # (step, metrics) of the previous step, checked one step late
     try:
         if start == 0:
@@ -255,15 +258,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 compile_time = time.perf_counter() - t1
                 logging.info("compiled in %.1fs", compile_time)
                 writer.write(step, {"perf/compile_time_sec": compile_time})
+                utilization = _step_utilization(config, tx, mesh, state, batch, writer, step)
                 progress.window_start = time.perf_counter()
-            state, metrics = compiled(state, batch)
+            with profiler.step(step):
+                state, metrics = compiled(state, batch)
+            profiler.after_step(step, (state, metrics))
             progress.add(data_wait)
             if pending is not None:
                 _check_finite(*pending)
             pending = (step, metrics)
             if step % config.log_every == 0 or step == num_steps or step <= 3:
                 _check_finite(*pending)
-                last = _log_step(step, metrics, schedules, progress, writer, data_iter)
+                last = _log_step(step, metrics, schedules, progress, writer, data_iter, utilization)
             stop = config.get("stop_at_step", 0) and step >= config.stop_at_step
             signalled = preemption.agreed()
             if signalled or stop:
@@ -283,6 +289,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     _meta(config),
                     force=step == num_steps,
                 )
+            t_eval = time.perf_counter()
             run_evaluators(
                 evaluators,
                 model,
@@ -293,8 +300,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 force=step == num_steps,
                 mesh=mesh,
             )
+            progress.exclude(time.perf_counter() - t_eval)  # the ETA counts training steps
         logging.info("done: %d steps", num_steps)
     finally:
+        profiler.stop()
         ckpt.close()
         data_iter.close()
         writer.close()
@@ -333,12 +342,42 @@ def _check_finite(step, metrics):
         )
 
 
-def _log_step(step, metrics, schedules, progress, writer, data_iter):
+def _step_utilization(config, tx, mesh, state, batch, writer, step):
+    """(FLOPs per step, devices, peak TFLOP/s per device, whether the devices share that peak)
+    for perf/mfu, or None when the step cannot be counted (logged; training goes on)."""
+    try:
+        flops, source = perf.train_step_flops(config, tx, mesh, state, batch)
+    except Exception as e:  # noqa: BLE001 (MFU is telemetry; the run must not stop for it)
+        logging.warning(
+            "no perf/mfu: counting the step's FLOPs failed (%s: %s)", type(e).__name__, e
+        )
+        return None
+    # On a CPU a quick 1024^3 matmul stands in for the peak; accelerators use the table.
+    peak, peak_source = perf.device_peak(
+        config.model.dtype, float(config.get("peak_tflops", 0.0)), matmul_size=1024
+    )
+    shared = peak_source.startswith("measured") and jax.default_backend() == "cpu"
+    logging.info(
+        "step: %.3g TFLOP (%s); peak %.3g TFLOP/s per device (%s)",
+        flops / 1e12,
+        source,
+        peak,
+        peak_source,
+    )
+    writer.write(step, {"perf/flops_per_step": flops, "perf/peak_tflops_per_device": peak})
+    return flops, mesh.size, peak, shared
+
+
+def _log_step(step, metrics, schedules, progress, writer, data_iter, utilization=None):
     scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
     scalars.pop("train/finite", None)
     for group, schedule in schedules.items():
         scalars[f"train/lr_{group}"] = float(schedule(step - 1))
     scalars.update(progress.summary(step))
+    if utilization is not None:
+        flops, devices, peak, shared = utilization
+        seconds = 1.0 / scalars["perf/steps_per_sec"]
+        scalars.update(perf.utilization(flops, seconds, devices, peak, shared))
     scalars.update(data_iter.metrics())
     writer.write(step, scalars)
     logging.info(progress.line(step, scalars))

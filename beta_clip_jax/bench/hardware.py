@@ -5,31 +5,19 @@ from __future__ import annotations
 import os
 import platform
 import resource
-import time
 
 import jax
-import jax.numpy as jnp
 import psutil
 
-# Dense per-chip peaks, TFLOP/s, first match on jax's device_kind. "float32" is the rate of XLA's
-# default precision for f32 dots: TF32 tensor cores on NVIDIA Ampere/Hopper, bf16 passes on TPU.
-DEVICE_PEAKS = (
-    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
-    ("H100", {"bfloat16": 989.0, "float32": 494.7}),
-    ("H200", {"bfloat16": 989.0, "float32": 494.7}),
-    ("A100", {"bfloat16": 312.0, "float32": 156.0}),
-    ("TPU v4", {"bfloat16": 275.0, "float32": 275.0}),
-    ("TPU v5 lite", {"bfloat16": 197.0, "float32": 197.0}),
-    ("TPU v5e", {"bfloat16": 197.0, "float32": 197.0}),
-    ("TPU v5", {"bfloat16": 459.0, "float32": 459.0}),  # v5p
-    ("TPU v6", {"bfloat16": 918.0, "float32": 918.0}),  # v6e (Trillium)
+# The peaks and FLOP readers live with the training logs' MFU; the bench re-exports them.
+from beta_clip_jax.perf import (  # noqa: F401
+    DEVICE_PEAKS,
+    cost,
+    device_peak,
+    measured_matmul_tflops,
+    table_peak,
+    time_calls,
 )
-
-
-def cost(compiled) -> dict:
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    return {k: float(ca.get(k, 0.0)) for k in ("flops", "transcendentals", "bytes accessed")}
 
 
 def memory(compiled) -> dict:
@@ -57,44 +45,6 @@ def process_memory() -> dict:
         if key in stats:
             out[f"device_{key}"] = int(stats[key])
     return out
-
-
-def time_calls(fn, args, steps: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def measured_matmul_tflops(dtype: str, n: int = 2048, reps: int = 5) -> float:
-    """Best of a few n x n x n matmuls on the first device (the CPU 'peak')."""
-    x = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a, b: a @ b)
-    best = min(time_calls(f, (x, x), reps))
-    return 2 * n**3 / best / 1e12
-
-
-def table_peak(device_kind: str, dtype: str) -> tuple[float, str] | None:
-    """The DEVICE_PEAKS entry for a jax device_kind, or None."""
-    for name, peaks in DEVICE_PEAKS:
-        if name.lower() in device_kind.lower():
-            return peaks[dtype], f"table ({name} dense {dtype})"
-    return None
-
-
-def device_peak(dtype: str, override: float = 0.0) -> tuple[float, str]:
-    """(peak TFLOP/s per device, where it came from)."""
-    if override > 0:
-        return override, "--peak_tflops"
-    kind = jax.devices()[0].device_kind
-    return table_peak(kind, dtype) or (
-        measured_matmul_tflops(dtype),
-        f"measured {dtype} 2048^3 matmul on {kind}",
-    )
 
 
 def machine() -> dict:
