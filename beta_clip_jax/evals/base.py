@@ -4,11 +4,17 @@ An evaluator is built once from its config (reading the dataset manifest, so bad
 any compile) and `run(encoder)` may be called many times during training. Encoder calls go
 through `gather.sharded_map`, so on several processes each one embeds its slice and all processes
 end with identical full matrices and identical metrics.
+
+Images are decoded and resized on a thread pool (`PrefetchLoader`): PIL releases the GIL while it
+decodes and resamples, so the next batch is ready while the encoder works on this one.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -32,11 +38,20 @@ def cfg_require(cfg: Any, key: str, name: str) -> Any:
     return value
 
 
+# Decoding threads per image loader: a few cores are enough to keep one accelerator fed, and
+# more would compete with the training input pipeline when evaluating during training.
+DEFAULT_LOAD_WORKERS = min(8, os.cpu_count() or 1)
+
+
 class Evaluator:
     """Base class: `Evaluator(name, cfg)`, then `run(encoder) -> dict[str, float]`.
 
     Common config fields: every (steps between runs, 0 = only when asked), batch_size (per
-    process), max_examples (truncate the dataset, for quick runs).
+    process), max_examples (truncate the dataset, for quick runs), load_workers (image decoding
+    threads, default min(8, CPU count); 0 decodes in the calling thread), jpeg_draft (default
+    False: decode JPEGs at the smallest 1/2, 1/4 or 1/8 scale whose sides stay >= the model's input
+    size; faster, but not the pixels of a full decode, so off for numbers comparable with the
+    official evaluators).
     """
 
     kind = ""
@@ -50,8 +65,15 @@ class Evaluator:
         self.every = int(cfg_get(cfg, "every", 0))
         self.batch_size = int(cfg_get(cfg, "batch_size", 64))
         self.max_examples = cfg_get(cfg, "max_examples", None)
+        self.load_workers = int(cfg_get(cfg, "load_workers", DEFAULT_LOAD_WORKERS))
+        self.jpeg_draft = bool(cfg_get(cfg, "jpeg_draft", False))
         if self.batch_size <= 0:
             raise ValueError(f"evaluator {name!r}: batch_size must be positive")
+        if self.load_workers < 0:
+            raise ValueError(
+                f"evaluator {name!r}: load_workers must be >= 0 (0 decodes in the calling "
+                f"thread), got {self.load_workers}"
+            )
 
     def should_run(self, step: int) -> bool:
         """True on every `every`-th step (never when every <= 0)."""
@@ -61,6 +83,14 @@ class Evaluator:
         """Metrics; an evaluator with per_item = True also appends one dict per scored item to
         `items` when given one (JSON-ready, in dataset order)."""
         raise NotImplementedError
+
+    def image_batches(
+        self, images: Sequence[Any], size: int, mode: str = "crop"
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """`image_batches` with this evaluator's load_workers and jpeg_draft."""
+        return image_batches(
+            images, size, mode, workers=self.load_workers, jpeg_draft=self.jpeg_draft
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, every={self.every})"
@@ -80,6 +110,95 @@ def load_image(path: str) -> Any:
         return img.convert("RGB")
 
 
+def height_width(image: Any) -> tuple[int, int]:
+    """(height, width) of a PIL image or an HWC / HW array."""
+    if hasattr(image, "height") and hasattr(image, "width"):  # PIL
+        return int(image.height), int(image.width)
+    height, width = np.asarray(image).shape[:2]
+    return int(height), int(width)
+
+
+def decode_image(src: Any, draft_size: int | None = None) -> tuple[Any, tuple[int, int]]:
+    """(RGB image, its ORIGINAL (height, width)) for a file path or an in-memory image (as is).
+
+    With draft_size, a JPEG decodes at the smallest of PIL's 1/1..1/8 scales whose sides both
+    stay >= draft_size: faster, but its pixels are not those of a full decode. The size returned
+    is still the file's, so boxes given in original pixels (FG-OVD) map as without the draft.
+    """
+    if not isinstance(src, str | os.PathLike):
+        return src, height_width(src)
+    if not draft_size:
+        image = load_image(src)
+        return image, height_width(image)
+    from PIL import Image
+
+    from beta_clip_jax.data.sources import open_image
+
+    image = open_image(src, draft_size=draft_size)
+    with Image.open(src) as header:  # reads the header only: the size before the draft
+        return image, (int(header.height), int(header.width))
+
+
+def _decode_pool(workers: int) -> ThreadPoolExecutor:
+    """One pool per worker count for the whole process: loaders come and go with every run, and
+    a pool each would leave idle threads behind. Keyed by process id too, since a forked child
+    inherits the pool object but not its threads."""
+    return _pool(workers, os.getpid())
+
+
+@functools.cache
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"eval-decode-{pid}")
+
+
+class PrefetchLoader:
+    """loader(indices) -> [fetch(i) for i in indices], in order, fetched on a thread pool.
+
+    After handing out a batch whose indices are a contiguous run (sharded_map's are, but for the
+    padded last one), the next run of as many items is already submitted, so it decodes while
+    the caller encodes. A guess the next call does not ask for is cancelled, or, once started,
+    kept one more call (never fetched twice, at most two batches held). A fetch error re-raises
+    in the caller. workers=0 fetches in the calling thread, one by one.
+    """
+
+    def __init__(self, fetch: Callable[[int], Any], num_items: int, workers: int):
+        if workers < 0:
+            raise ValueError(f"load_workers must be >= 0, got {workers}")
+        self.fetch, self.num_items = fetch, num_items
+        self.pool = _decode_pool(workers) if workers > 0 else None
+        self._guessed: dict[int, Future] = {}  # the latest guess
+        self._started: dict[int, Future] = {}  # the guess before it, already running or done
+
+    def __call__(self, indices: Sequence[int] | np.ndarray) -> list:
+        indices = [int(i) for i in np.asarray(indices).reshape(-1)]
+        if self.pool is None:
+            return [self.fetch(i) for i in indices]
+        wanted = {i: self._take(i) for i in dict.fromkeys(indices)}  # padding repeats an index
+        stale, self._guessed = self._guessed, {}
+        self._started = {i: f for i, f in stale.items() if not f.cancel()}
+        self._guessed = {i: self._take(i) for i in self._next_run(indices)}
+        return [wanted[i].result() for i in indices]
+
+    def _take(self, i: int) -> Future:
+        """Item i's future: from a guess when one holds it, else newly submitted."""
+        for held in (self._guessed, self._started):
+            if i in held:
+                return held.pop(i)
+        return self.pool.submit(self.fetch, i)
+
+    def _next_run(self, indices: list[int]) -> range:
+        if not indices or indices != list(range(indices[0], indices[0] + len(indices))):
+            return range(0)
+        start = indices[-1] + 1
+        return range(start, min(start + len(indices), self.num_items))
+
+    def close(self) -> None:
+        """Cancel the prefetched items nobody asked for yet."""
+        for future in (*self._guessed.values(), *self._started.values()):
+            future.cancel()
+        self._guessed, self._started = {}, {}
+
+
 def prepare_image(image: Any, size: int, mode: str = "crop") -> np.ndarray:
     """uint8 [size, size, 3]: "crop" = CLIP resize + centre crop, "squash" = exact resize."""
     from beta_clip_jax.data import transforms
@@ -97,17 +216,22 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def image_batches(
-    images: Sequence[Any], size: int, mode: str = "crop"
+    images: Sequence[Any],
+    size: int,
+    mode: str = "crop",
+    *,
+    workers: int = DEFAULT_LOAD_WORKERS,
+    jpeg_draft: bool = False,
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """indices -> uint8 [B, size, size, 3]; entries are file paths or in-memory images."""
+    """indices -> uint8 [B, size, size, 3]; entries are file paths or in-memory images, decoded
+    and resized by `workers` threads (PrefetchLoader), JPEGs drafted to >= size with jpeg_draft."""
+    draft_size = size if jpeg_draft else None
 
-    def get(i: int) -> Any:
-        return load_image(images[i]) if isinstance(images[i], str) else images[i]
+    def fetch(i: int) -> np.ndarray:
+        return prepare_image(decode_image(images[i], draft_size)[0], size, mode)
 
-    def load(indices: np.ndarray) -> np.ndarray:
-        return np.stack([prepare_image(get(int(i)), size, mode) for i in indices])
-
-    return load
+    loader = PrefetchLoader(fetch, len(images), workers)
+    return lambda indices: np.stack(loader(indices))
 
 
 def embed_images(

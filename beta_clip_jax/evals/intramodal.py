@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from beta_clip_jax.evals import readers
-from beta_clip_jax.evals.base import Evaluator, cfg_get, embed_images, embed_texts, image_batches
+from beta_clip_jax.evals.base import Evaluator, cfg_get, embed_images, embed_texts
 
 METRICS = ("map", "map_at_r", "p_at_r", "r1")
 
@@ -104,7 +104,7 @@ class IntraModalEvaluator(Evaluator):
         return query, gallery
 
     def _embed_images(self, encoder, images, size: int) -> np.ndarray:
-        load = image_batches(images, size, self.image_mode)
+        load = self.image_batches(images, size, self.image_mode)
         return embed_images(encoder, load, len(images), self.batch_size)
 
     def run(self, encoder) -> dict[str, float]:

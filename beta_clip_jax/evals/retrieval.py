@@ -288,11 +288,13 @@ def retrieval_scores(
     tci: bool,
     image_mode: str = "crop",
     items: list | None = None,
+    loader=image_batches,
 ) -> dict[str, float]:
     """CLS retrieval recall (and, if tci, the text-conditioned variant) on one manifest;
-    `items` (optional) gets every caption's and image's rank (scoring "cls" / "tci")."""
+    `items` (optional) gets every caption's and image's rank (scoring "cls" / "tci"); `loader`
+    is base.image_batches or an evaluator's (its load_workers and jpeg_draft)."""
     num_images = len(data.image_paths)
-    load = image_batches(data.image_paths, encoder.image_size, image_mode)
+    load = loader(data.image_paths, encoder.image_size, image_mode)
     images = embed_images(encoder, load, num_images, batch_size)
     texts = embed_texts(encoder, data.captions, batch_size)
     sims = {"cls": images @ texts.T}
@@ -363,6 +365,7 @@ class RetrievalEvaluator(Evaluator):
             tci=self.tci,
             image_mode=self.image_mode,
             items=items,
+            loader=self.image_batches,
         )
         if self.data.skipped is not None:
             results["skipped"] = float(len(self.data.skipped))

@@ -32,7 +32,7 @@ from beta_clip_jax.evals.base import (
     scores_per_item,
     unique_texts,
 )
-from beta_clip_jax.evals.fgovd import box_text_scores
+from beta_clip_jax.evals.fgovd import box_text_scores, box_vectors
 from beta_clip_jax.evals.gather import sharded_map
 from beta_clip_jax.evals.metrics import fgovd_accuracy, retrieval_recall
 from beta_clip_jax.evals.retrieval import TCI_PREFIX
@@ -87,6 +87,8 @@ def synthetic_scores(encoder, records: list, batch_size: int, *, tci: bool) -> d
                 encoder, images, owners, boxes, positives, batch_size
             )
         difficulties = sorted({d for r in records for d in _get(r, "negatives")})
+        # Every box once, each image encoded once; each difficulty then scores its own subset.
+        vectors = box_vectors(encoder, images, owners, boxes, batch_size) if difficulties else None
         for d in difficulties:
             text_lists, keep = [], []
             box_index = 0
@@ -100,13 +102,7 @@ def synthetic_scores(encoder, records: list, batch_size: int, *, tci: bool) -> d
                     box_index += 1
             if not keep:
                 continue
-            scores, valid = box_text_scores(
-                encoder,
-                lambda i, keep=keep: images[owners[keep[i]]],
-                [boxes[k] for k in keep],
-                text_lists,
-                batch_size,
-            )
+            scores, valid = box_text_scores(encoder, vectors[keep], text_lists, batch_size)
             results[f"box_{d}"] = fgovd_accuracy(scores, valid)
     return results
 

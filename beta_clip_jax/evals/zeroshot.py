@@ -22,7 +22,6 @@ from beta_clip_jax.evals.base import (
     cfg_require,
     embed_images,
     embed_texts,
-    image_batches,
     l2_normalize,
 )
 from beta_clip_jax.evals.metrics import topk_accuracy
@@ -77,6 +76,6 @@ class ZeroShotEvaluator(Evaluator):
     def run(self, encoder) -> dict[str, float]:
         data = self.data
         classes = class_embeddings(encoder, data.classnames, data.templates, self.batch_size)
-        load = image_batches(data.image_paths, encoder.image_size, "crop")
+        load = self.image_batches(data.image_paths, encoder.image_size, "crop")
         images = embed_images(encoder, load, len(data.image_paths), self.batch_size)
         return topk_accuracy(images @ classes.T, data.labels, (1, 5))
