@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax
 
-from beta_clip_jax import losses, objective, sharding
+from beta_clip_jax import losses, objective, optim, sharding
 
 MODES = ("train", "eval")
 
@@ -44,6 +44,7 @@ def _check_config(config, device_count: int, process_count: int) -> None:
     if config.mode not in MODES:
         raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}")
     _check_names(config)
+    optim.check_lock(config.optim, config.model)
     shape = sharding.mesh_shape(config.mesh, device_count)
     dp = shape[0] * shape[1]
     batch = int(config.batch_size)

@@ -6,6 +6,31 @@
 
 The first `model.frozen_positions` rows of the text positional table never change: their gradient is
 stopped in the forward pass and their update (weight decay included) is zeroed here.
+
+Locked towers (open_clip's --lock-image / --lock-text): `optim.lock_image` / `optim.lock_text`
+freeze params['visual'] / params['text']; `optim.lock_*_unlocked_blocks` = N keeps the tower's
+last N transformer blocks trainable. The rule (`frozen_mask`, used by the optimiser and the
+train step alike):
+
+* N = 0: the whole tower is frozen, its final LayerNorm and projection included;
+* N > 0: the last N blocks and everything after them (vision: ln_post, proj; text: ln_final,
+  proj) train; the embeddings (vision: conv1, class_embedding, positional_embedding, ln_pre;
+  text: token_embedding, positional_embedding) and the earlier blocks stay frozen, also with N
+  equal to the block count. This is open_clip's `unlocked_groups` = N + 1.
+* Blocks count from the input: the stacked "blocks", Holistic's "branch_blocks", then
+  "last_block" (the vision tower's L blocks, the text tower's L blocks).
+* Parameters a method adds inside a tower train even when it is locked: Holistic's
+  "cls" branch tokens (the branches start as copies of the class token and differ only by what
+  they learn). A Holistic "mlp" tower is refused unless its branched blocks all train (N at
+  least model.branch_layers), for the same reason. Everything outside the towers (pooler,
+  SmartCLIP's mask head, the temperatures) always trains.
+
+A wholly frozen leaf gets the third optimiser group FROZEN_GROUP (optax.set_to_zero: no
+moments) and its gradient is stopped in the loss, so XLA drops its backward pass. The stacked
+blocks are one leaf per weight with a leading layer axis: when N splits a stack, the stack keeps
+its moments (zero for the frozen rows), the frozen rows get a zero gradient and zero update,
+but the scan's backward still runs over every row. With no tower locked the optimiser (and its
+state tree, so older checkpoints restore) is exactly the two-group one.
 """
 
 from __future__ import annotations
@@ -13,10 +38,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+
+from beta_clip_jax.models.variants import resolve_model_config
 
 POOLER_GROUP = "pooler"
 MAIN_GROUP = "main"
+FROZEN_GROUP = "frozen"
 # Leaf names that get no weight decay: biases, LayerNorm scales and the temperatures.
 NO_DECAY_NAMES = frozenset({"bias", "scale", "logit_scale", "logit_bias"})
 
@@ -40,6 +69,12 @@ def optim_defaults() -> ml_collections.ConfigDict:
             # SmartCLIP: the mask head's updates are zero for this many steps, so a run from
             # scratch first trains plain CLIP (masks start all-ones) before masks may sparsify.
             "mask_delay_steps": 0,
+            # Locked towers (module docstring): frozen, no optimiser moments, no backward pass;
+            # *_unlocked_blocks keeps that tower's last N blocks (and what follows them) training.
+            "lock_image": False,
+            "lock_image_unlocked_blocks": 0,
+            "lock_text": False,
+            "lock_text_unlocked_blocks": 0,
         }
     )
 
@@ -60,6 +95,176 @@ def group_labels(params):
         k: jax.tree.map(lambda _, k=k: POOLER_GROUP if k in HEAD_SUBTREES else MAIN_GROUP, v)
         for k, v in params.items()
     }
+
+
+# Locked towers: config fields, and each tower's parameters by their place around the blocks.
+LOCK_FIELDS = {  # tower subtree -> (lock flag, unlocked-blocks count)
+    "visual": ("lock_image", "lock_image_unlocked_blocks"),
+    "text": ("lock_text", "lock_text_unlocked_blocks"),
+}
+BLOCK_KEYS = ("blocks", "branch_blocks", "last_block")  # input to output
+STACKED_BLOCK_KEYS = frozenset({"blocks", "branch_blocks"})  # leading "layers" axis
+BEFORE_BLOCKS = {
+    "visual": frozenset({"conv1", "class_embedding", "positional_embedding", "ln_pre"}),
+    "text": frozenset({"token_embedding", "positional_embedding"}),
+}
+AFTER_BLOCKS = {"visual": frozenset({"ln_post", "proj"}), "text": frozenset({"ln_final", "proj"})}
+METHOD_KEYS = {"visual": frozenset({"branch_tokens"}), "text": frozenset()}  # train when locked
+
+
+def lock_settings(optim_cfg) -> dict[str, int]:
+    """{tower subtree: unlocked blocks N} for each locked tower; checks the four fields' types.
+
+    Configs written before the fields existed read as nothing locked."""
+    locked = {}
+    for tower, (flag, count) in LOCK_FIELDS.items():
+        on = optim_cfg.get(flag, False)
+        n = optim_cfg.get(count, 0)
+        if not isinstance(on, (bool, np.bool_)):
+            raise ValueError(f"optim.{flag} must be True or False, got {on!r}")
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+            raise ValueError(f"optim.{count} must be an integer, got {n!r}")
+        if n < 0:
+            raise ValueError(f"optim.{count} must be >= 0, got {n}")
+        if n and not on:
+            raise ValueError(f"optim.{count}={n} has no effect without optim.{flag}=True")
+        if on:
+            locked[tower] = int(n)
+    return locked
+
+
+def check_lock(optim_cfg, model_cfg) -> None:
+    """The lock fields against config.model (resolved here: idempotent), before anything is
+    built. Raises ValueError naming the field."""
+    locked = lock_settings(optim_cfg)
+    if not locked:
+        return
+    model_cfg = resolve_model_config(model_cfg)
+    layers = {"visual": int(model_cfg.vision_layers), "text": int(model_cfg.text_layers)}
+    for tower, n in locked.items():
+        if n > layers[tower]:
+            field = LOCK_FIELDS[tower][1]
+            raise ValueError(
+                f"optim.{field}={n} is more than the {layers[tower]} blocks of the "
+                f"{tower} tower (model.{'vision' if tower == 'visual' else 'text'}_layers)"
+            )
+    branched = (
+        model_cfg.get("method") == "holistic"
+        and int(model_cfg.get("image_branches", 1)) > 1
+        and model_cfg.get("branch_type") == "mlp"
+    )
+    if branched and "visual" in locked and locked["visual"] < int(model_cfg.branch_layers):
+        raise ValueError(
+            f"optim.lock_image with Holistic 'mlp' branches needs optim.lock_image_unlocked_"
+            f"blocks >= model.branch_layers={model_cfg.branch_layers} (got {locked['visual']}): "
+            "the branched blocks start as copies and, frozen, the branches could never differ"
+        )
+
+
+def _block_rows(tower: str, subtree) -> dict[str, int]:
+    """{block key: number of blocks} in input-to-output order; unknown keys are refused."""
+    known = BEFORE_BLOCKS[tower] | AFTER_BLOCKS[tower] | METHOD_KEYS[tower] | set(BLOCK_KEYS)
+    unknown = sorted(set(subtree) - known)
+    if unknown:
+        raise ValueError(
+            f"cannot lock params[{tower!r}]: no locking rule for its entries {unknown} "
+            "(optim.py BEFORE_BLOCKS / AFTER_BLOCKS / METHOD_KEYS)"
+        )
+    rows = {}
+    for key in BLOCK_KEYS:
+        if key in subtree:
+            first = jax.tree.leaves(subtree[key])[0]
+            rows[key] = int(first.shape[0]) if key in STACKED_BLOCK_KEYS else 1
+    return rows
+
+
+def _tower_mask(tower: str, subtree, unlocked: int):
+    """The frozen mask of one locked tower (see frozen_mask)."""
+    rows = _block_rows(tower, subtree)
+    total = sum(rows.values())
+    if unlocked > total:
+        field = LOCK_FIELDS[tower][1]
+        raise ValueError(f"optim.{field}={unlocked} is more than the {total} blocks of {tower}")
+    first_trainable = total - unlocked  # global index of the first trainable block
+    start, out = 0, {}
+    for key, value in subtree.items():
+        if key in rows:  # rows [start, start + n) of the tower's blocks
+            n = rows[key]
+            frozen = np.arange(start, start + n) < first_trainable
+            start += n
+            if key not in STACKED_BLOCK_KEYS or frozen.all() or not frozen.any():
+                frozen = np.array(frozen.all())
+            out[key] = jax.tree.map(
+                lambda x, f=frozen: f.reshape(f.shape + (1,) * (len(x.shape) - f.ndim)), value
+            )
+            continue
+        if key in METHOD_KEYS[tower]:
+            frozen = False
+        elif key in AFTER_BLOCKS[tower]:
+            frozen = unlocked == 0
+        else:
+            frozen = True
+        out[key] = jax.tree.map(lambda _, f=frozen: np.array(f), value)
+    return out
+
+
+def frozen_mask(params, optim_cfg):
+    """A tree like `params` of NumPy bool masks, True where a value is frozen.
+
+    A mask is a scalar for a leaf frozen (or trained) as a whole, and [layers, 1, ...] for a
+    stacked block leaf whose first rows are frozen; it broadcasts against its leaf. Only the
+    tree and the leaves' shapes are read (arrays, tracers or ShapeDtypeStructs)."""
+    locked = lock_settings(optim_cfg)
+    return {
+        k: _tower_mask(k, v, locked[k])
+        if k in locked
+        else jax.tree.map(lambda _: np.array(False), v)
+        for k, v in params.items()
+    }
+
+
+def _where_frozen(tree, mask, frozen_fn):
+    """frozen_fn(x) where the mask is True, x elsewhere; whole leaves without a select."""
+
+    def one(x, m):
+        if m.all():
+            return frozen_fn(x)
+        if not m.any():
+            return x
+        return jnp.where(m, frozen_fn(x), x)
+
+    return jax.tree.map(one, tree, mask)
+
+
+def stop_frozen_gradients(params, optim_cfg):
+    """params with the gradient of every frozen value stopped (unchanged with nothing locked)."""
+    if optim_cfg is None or not lock_settings(optim_cfg):
+        return params
+    return _where_frozen(params, frozen_mask(params, optim_cfg), jax.lax.stop_gradient)
+
+
+def frozen_labels(optim_cfg):
+    """The optimiser group labels with every wholly frozen leaf in FROZEN_GROUP."""
+
+    def labels(params):
+        frozen = frozen_mask(params, optim_cfg)
+        return jax.tree.map(
+            lambda label, m: FROZEN_GROUP if m.all() else label, group_labels(params), frozen
+        )
+
+    return labels
+
+
+def zero_frozen_rows(optim_cfg) -> optax.GradientTransformation:
+    """Zeroes the updates of every frozen value, weight decay included. Whole frozen leaves are
+    zero already (FROZEN_GROUP); the frozen rows of a split block stack are not."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        mask = frozen_mask(updates, optim_cfg)
+        return _where_frozen(updates, mask, jnp.zeros_like), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
 def decay_mask(params):
@@ -150,12 +355,15 @@ def make_optimizer(optim_cfg, total_steps: int, frozen_positions: int, pooler_st
     parts = []
     if optim_cfg.get("grad_clip", 0.0):
         parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
-    parts.append(
-        optax.multi_transform(
-            {name: _adamw(sched, optim_cfg) for name, sched in schedules.items()},
-            group_labels,
-        )
-    )
+    groups = {name: _adamw(sched, optim_cfg) for name, sched in schedules.items()}
+    labels = group_labels
+    locked = bool(lock_settings(optim_cfg))
+    if locked:  # only then: an unlocked run's optimiser state stays exactly as it was
+        groups[FROZEN_GROUP] = optax.set_to_zero()
+        labels = frozen_labels(optim_cfg)
+    parts.append(optax.multi_transform(groups, labels))
+    if locked:
+        parts.append(zero_frozen_rows(optim_cfg))
     parts.append(freeze_text_rows(frozen_positions))
     delay = int(optim_cfg.get("mask_delay_steps", 0) or 0)
     if delay > 0:  # only then: the optimiser state of every other run stays as it was

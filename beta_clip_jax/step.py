@@ -2,6 +2,8 @@
 
 The step is one function for every method: the model gives its outputs, `objective.training_loss`
 turns them into a loss (config.loss.name picks the method), optax updates, temperatures are clamped.
+Locked towers (config.optim.lock_image / lock_text, optim.py) enter the loss with their gradient
+stopped, so their backward pass is not computed at all.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from beta_clip_jax import objective, sharding
+from beta_clip_jax import objective, optim, sharding
 from beta_clip_jax.data.transforms import normalize
 
 
@@ -114,8 +116,9 @@ def init_state(model, tx, config, mesh, params_sh, opt_sh, init_params=None):
     return params, opt_state
 
 
-def _loss_and_grads(model, loss_cfg, params, batch, step):
+def _loss_and_grads(model, loss_cfg, params, batch, step, optim_cfg=None):
     def loss_fn(p):
+        p = optim.stop_frozen_gradients(p, optim_cfg)  # frozen values: zero gradient, no backward
         images = normalize(batch["image"])
         outputs = model.apply({"params": p}, images, text_inputs(batch))
         return objective.training_loss(outputs, batch["valid"], loss_cfg, step)
@@ -135,23 +138,26 @@ def split_micro_batches(x: jax.Array, n: int) -> jax.Array:
     return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
 
 
-def train_step(state: TrainState, batch, *, model, tx, loss_cfg, grad_accum: int):
-    """One optimiser step; with grad_accum > 1 the batch is split into micro-batches."""
+def train_step(state: TrainState, batch, *, model, tx, loss_cfg, grad_accum: int, optim_cfg=None):
+    """One optimiser step; with grad_accum > 1 the batch is split into micro-batches.
+
+    `optim_cfg` (config.optim) names the locked towers; None locks nothing."""
+    loss_and_grads = functools.partial(_loss_and_grads, model, loss_cfg, optim_cfg=optim_cfg)
     if grad_accum <= 1:
-        loss, metrics, grads = _loss_and_grads(model, loss_cfg, state.params, batch, state.step)
+        loss, metrics, grads = loss_and_grads(state.params, batch, state.step)
     else:
         micro = jax.tree.map(lambda x: split_micro_batches(x, grad_accum), batch)
 
         def body(carry, mb):
-            loss, metrics, grads = _loss_and_grads(model, loss_cfg, state.params, mb, state.step)
+            loss, metrics, grads = loss_and_grads(state.params, mb, state.step)
             acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
             return acc, None
 
         zeros = jax.tree.map(
             jnp.zeros_like,
             jax.eval_shape(
-                lambda: _loss_and_grads(
-                    model, loss_cfg, state.params, jax.tree.map(lambda x: x[0], micro), state.step
+                lambda: loss_and_grads(
+                    state.params, jax.tree.map(lambda x: x[0], micro), state.step
                 )
             ),
         )
@@ -177,6 +183,7 @@ def train_step(state: TrainState, batch, *, model, tx, loss_cfg, grad_accum: int
 
 def jit_train_step(model, tx, config, mesh, params_sh, opt_sh):
     """The train step jitted with explicit shardings and the state donated."""
+    optim.check_lock(config.optim, model.config)  # before tracing: a clear error, not a deep one
     state_sh = TrainState(step=sharding.replicated(mesh), params=params_sh, opt_state=opt_sh)
     batch_sh = sharding.batch_sharding(mesh)
     fn = functools.partial(
@@ -185,6 +192,7 @@ def jit_train_step(model, tx, config, mesh, params_sh, opt_sh):
         tx=tx,
         loss_cfg=config.loss,
         grad_accum=int(config.optim.get("grad_accum", 1)),
+        optim_cfg=config.optim,
     )
     return jax.jit(
         fn,
