@@ -110,3 +110,27 @@ def test_cal_start_step_after_the_last_step_is_named():
     config.loss.name = "clip"  # plain CLIP never runs β-CAL: nothing to check
     config.loss.cal_start_step = 10
     check_config(config, device_count=1, process_count=1)
+
+
+def test_one_gpu_recipe_is_the_official_one_gpu_batch():
+    """train_CE.sh / train_BCE.sh: 1 process, --batch-size 64 --update-freq 8."""
+    config = resolve_config(_load(os.path.join(ROOT, "configs", "b16_urban_1gpu.py"), "bce"))
+    assert config.loss.mode == "bce" and config.model.variant == "B/16"
+    assert (config.batch_size, config.optim.grad_accum) == (512, 8)
+    assert config.batch_size // config.optim.grad_accum == config.loss.group_size == 64
+    assert config.loss.global_gradient == "full"  # one process: every logit has its gradient
+    assert (config.model.dtype, config.model.remat) == ("bfloat16", "full")
+    assert all(e.every == 2400 for e in config.evals.values())
+
+
+def test_bench_runs_a_recipe_without_its_files():
+    """The bench makes its own batch and weights: a recipe's missing data, weights and eval
+    paths, and its epoch count, must not stop it."""
+    from beta_clip_jax.bench.step_timing import bench_config
+
+    recipe = _load(os.path.join(ROOT, "configs", "b16_urban_1gpu.py"))
+    with pytest.raises(FileNotFoundError):
+        check_config(resolve_config(recipe), device_count=1, process_count=1)
+    config = bench_config(recipe)
+    check_config(config, device_count=1, process_count=1)
+    assert (config.batch_size, config.optim.grad_accum, config.model.remat) == (512, 8, "full")

@@ -53,6 +53,10 @@ def bench_config(
     """
     c = base if base is not None else base_config(variant or "B/16")
     c = c.copy_and_resolve_references()
+    # The bench makes its own batch and random weights: a recipe's data, weights, evaluations
+    # and epoch count (which reads the data's size) need not exist on the benchmark machine.
+    c.data.name, c.data.path, c.data.image_root = "synthetic", "", ""
+    c.init, c.num_epochs, c.evals = "", 0.0, ml_collections.ConfigDict()
     if base is not None and variant:
         c.model.variant = variant
     if batch or base is None:
