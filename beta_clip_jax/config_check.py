@@ -94,8 +94,9 @@ def _check_config(config, device_count: int, process_count: int) -> None:
 
 def _check_names(config) -> None:
     """Names that would otherwise fail only once data loading or the loss trace starts."""
-    from beta_clip_jax.data.sources import SOURCE_NAMES
+    from beta_clip_jax.data.sources import SOURCE_NAMES, pixel_limit
 
+    pixel_limit(config.data.get("max_image_pixels"))
     choices = (
         ("data.name", config.data.name, SOURCE_NAMES),
         ("loss.name", config.loss.name, objective.LOSS_NAMES),

@@ -8,6 +8,12 @@ Divergence from the beta-CLIP reference code: a text longer than `length` is cut
 position is set to EOT (as Long-CLIP's tokenizer does). The reference code cuts without EOT, so
 argmax pooling then lands on the largest id left (the start token) instead of the text's end.
 `keep_eot=False` reproduces the reference cut for its evaluation numbers (docs/evals.md).
+
+Bounded work per text, whatever its size: `encode` stops once a row is full, cleans at most
+_CHARS_PER_TOKEN characters per position of the row (a text that long fills it), and runs BPE
+on at most _MAX_WORD_CHARS characters at a time (BPE time grows with the square of a word's
+length; longer runs of letters come from garbage, not words). Rows are the same as encoding the
+whole text and cutting, for any text real captions are made of.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ _PATTERN = regex.compile(
 )
 _SPACES = regex.compile(r"\s+")
 _CACHE_LIMIT = 200_000
+# The longest vocabulary entry has 32 characters; 64 per token also leaves room for the spaces,
+# HTML entities and characters that cleaning removes.
+_CHARS_PER_TOKEN = 64
+_MAX_WORD_CHARS = 256  # longer words are split into pieces of this many for BPE
 
 
 def default_bpe_path() -> str:
@@ -105,9 +115,10 @@ class Tokenizer:
     def __setstate__(self, state):
         self.__init__(state["bpe_path"])
 
-    def _bpe(self, word: str) -> list[str]:
-        """Merge a byte-mapped word greedily by lowest merge rank until no known pair remains."""
-        parts = list(word[:-1]) + [word[-1] + _WORD_END]
+    def _bpe(self, word: str, word_end: bool = True) -> list[str]:
+        """Merge a byte-mapped word greedily by lowest merge rank until no known pair remains.
+        `word_end=False`: a piece of a longer word, without the end-of-word mark."""
+        parts = list(word[:-1]) + [word[-1] + _WORD_END] if word_end else list(word)
         ranks = self.ranks
         while len(parts) > 1:
             best, best_rank = -1, len(ranks)
@@ -129,21 +140,41 @@ class Tokenizer:
             parts = merged
         return parts
 
+    def _piece_ids(self, piece: str, word_end: bool = True) -> tuple[int, ...]:
+        mapped = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+        return tuple(self.encoder[p] for p in self._bpe(mapped, word_end))
+
     def _word_ids(self, word: str) -> tuple[int, ...]:
         ids = self._cache.get(word)
         if ids is None:
-            mapped = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
-            ids = tuple(self.encoder[p] for p in self._bpe(mapped))
+            ids = self._piece_ids(word)
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
             self._cache[word] = ids
         return ids
 
-    def encode_one(self, text: str) -> list[int]:
-        """BPE ids of one text, without SOT/EOT and without truncation."""
+    def _word_pieces(self, word: str):
+        """The ids of a word, in pieces of at most _MAX_WORD_CHARS characters (only an overlong
+        word has more than one; those are not cached)."""
+        if len(word) <= _MAX_WORD_CHARS:
+            yield self._word_ids(word)
+            return
+        for start in range(0, len(word), _MAX_WORD_CHARS):
+            end = start + _MAX_WORD_CHARS
+            yield self._piece_ids(word[start:end], word_end=end >= len(word))
+
+    def encode_one(self, text: str, max_ids: int | None = None) -> list[int]:
+        """BPE ids of one text, without SOT/EOT. `max_ids`: stop once at least that many ids
+        were found (the text is then cut at _CHARS_PER_TOKEN characters per id before cleaning,
+        its whitespace runs collapsed first); None: the whole text."""
+        if max_ids is not None and len(text) > _CHARS_PER_TOKEN * max_ids:
+            text = _SPACES.sub(" ", text)[: _CHARS_PER_TOKEN * max_ids]
         ids: list[int] = []
-        for word in _PATTERN.findall(clean_text(text)):
-            ids.extend(self._word_ids(word))
+        for match in _PATTERN.finditer(clean_text(text)):
+            for piece in self._word_pieces(match.group()):
+                ids.extend(piece)
+                if max_ids is not None and len(ids) >= max_ids:
+                    return ids
         return ids
 
     def encode(
@@ -161,7 +192,8 @@ class Tokenizer:
             raise ValueError(f"length must be >= 2 to hold SOT and EOT, got {length}")
         out = np.zeros((len(texts), length), dtype=np.int32)
         for row, text in enumerate(texts):
-            ids = [SOT, *self.encode_one(text), EOT]
+            # length - 1 ids fill the row after SOT: more would be cut anyway.
+            ids = [SOT, *self.encode_one(text, max_ids=length - 1), EOT]
             if len(ids) > length:
                 ids = ids[:length]
                 if keep_eot:

@@ -98,3 +98,43 @@ def test_drop_list_is_capped_with_a_count(tmp_path, monkeypatch):
     stats = prepare.prepare(path, "jsonl", None, check=True)
     assert stats["dropped_missing_image"] == 4 and stats["kept"] == 1
     assert [d["line"] for d in stats["dropped"]] == [1, 2] and stats["dropped_not_listed"] == 2
+
+
+def test_prepare_drops_too_large_and_escaping_images_unopened(tmp_path):
+    """The training pipeline's image_too_large and unsafe_path records are dropped by prepare
+    too (as corrupt image / bad record), and a path leaving image_root is never opened."""
+    from PIL import Image
+
+    root = tmp_path / "root"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(root / "images" / "ok.jpg")
+    Image.new("L", (300, 300)).save(root / "images" / "big.png")  # 90,000 pixels
+    outside = tmp_path / "outside.jpg"
+    Image.new("RGB", (32, 32)).save(outside)
+    lines = [
+        {"image": "images/ok.jpg", "caption": "A red cube. A blue ball."},
+        {"image": "images/big.png", "caption": "A huge picture."},
+        {"image": "../outside.jpg", "caption": "An escape."},
+        {"image": str(outside), "caption": "An absolute path."},
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    opened = []
+    real = prepare.sources.image_problem
+
+    def spy(image_path):  # training's check with a limit the 300 x 300 image exceeds
+        opened.append(os.path.abspath(image_path))
+        return real(image_path, max_pixels=50_000)
+
+    try:
+        prepare.sources.image_problem = spy
+        stats = prepare.prepare(
+            str(path), "jsonl", str(tmp_path / "out.jsonl"), image_root=str(root)
+        )
+    finally:
+        prepare.sources.image_problem = real
+    reasons = [(d["line"], d["reason"]) for d in stats["dropped"]]
+    assert reasons == [(2, "image_too_large"), (3, "unsafe_path"), (4, "unsafe_path")]
+    assert stats["kept"] == 1 and stats["dropped_corrupt_image"] == 1
+    assert stats["dropped_bad_record"] == 2
+    assert str(outside) not in opened

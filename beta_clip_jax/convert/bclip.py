@@ -35,6 +35,7 @@ import numpy as np
 
 from beta_clip_jax.convert.names import (
     check_state_dict,
+    check_weights,
     expected_hf_shapes,
     expected_pooler_shapes,
     pooler_from_torch,
@@ -220,6 +221,7 @@ def read_bclip_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict]:
 
     found = read_torch_file(path, select=wanted)
     sd = {k.removeprefix("module."): np.asarray(v) for k, v in found.pop("state_dict").items()}
+    check_weights(path, sd)
     meta = {k: found.get(k) for k in _META}
     if isinstance(meta["args"], argparse.Namespace):
         meta["args"] = dict(vars(meta["args"]))

@@ -1,7 +1,8 @@
 """Hugging Face CLIP directories: read/write weights and translate `config.json` <-> our config.
 
 Weights are read without running code from the files: safetensors first, then `pytorch_model.bin`
-through `torch.load(weights_only=True)`.
+through `torch.load(weights_only=True)`. A file that is cut short, holds a tensor of a
+non-float dtype (int, bool, float8) or a NaN / infinity is refused naming the file and tensor.
 """
 
 import json
@@ -12,6 +13,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from beta_clip_jax.convert.names import check_weights, is_buffer
+from beta_clip_jax.convert.torch_pickle import torch_load_numpy
 from beta_clip_jax.models.variants import match_variant, resolve_model_config
 
 CONFIG_FILE = "config.json"
@@ -30,21 +33,71 @@ _HF_TEXT_DEFAULTS = dict(
 )  # fmt: skip
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of one safetensors file as float32 numpy (bf16/fp16 go through torch)."""
-    from safetensors import safe_open
+# safetensors dtype names of the float types weights may have (names.FLOAT_DTYPES).
+_SAFETENSORS_FLOATS = ("F16", "BF16", "F32", "F64")
 
-    out = {}
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file as numpy (bfloat16 widened to float32 by torch:
+    numpy has none), after checking each dtype in the header and each value (check_weights)."""
+    from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(path, framework="np") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-    except (TypeError, ValueError):
-        # numpy has no bfloat16; torch reads every dtype safetensors can hold.
-        with safe_open(path, framework="pt") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k).float().numpy()
-    return out
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+            _check_dtypes(path, dtypes)  # before reading: numpy cannot even hold float8
+            out = {k: f.get_tensor(k) for k, d in dtypes.items() if d != "BF16"}
+        if "BF16" in dtypes.values():
+            with safe_open(path, framework="pt") as f:
+                out.update((k, f.get_tensor(k).float().numpy()) for k in dtypes if k not in out)
+    except SafetensorError as e:
+        raise ValueError(_safetensors_damage(path, e)) from None
+    check_weights(path, out)
+    return {k: out[k] for k in dtypes}
+
+
+def _check_dtypes(path: str, dtypes: dict[str, str]) -> None:
+    for key, dtype in dtypes.items():
+        if dtype not in _SAFETENSORS_FLOATS and not is_buffer(key):
+            raise ValueError(
+                f"{path}: tensor {key!r} has dtype {dtype}, but weights are floating point "
+                f"({', '.join(_SAFETENSORS_FLOATS)}); not a weights file this model can load"
+            )
+
+
+def _safetensors_damage(path: str, error) -> str:
+    """What is wrong with a file the safetensors library refused: a cut header, the tensors
+    whose bytes lie past the end of a cut file, else the library's own words."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            return (
+                f"{path}: a safetensors header cut short ({size} bytes in the file, the header "
+                f"declares {length}): the file is truncated or not safetensors ({error})"
+            )
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            return f"{path}: unreadable safetensors header ({error})"
+    data_size = size - 8 - length
+    entries = header.items() if isinstance(header, dict) else ()
+    cut = [k for k, v in entries if _data_end(v) > data_size]
+    if cut:
+        more = f" (and {len(cut) - 1} more)" if len(cut) > 1 else ""
+        return (
+            f"{path}: file cut short: tensor {cut[0]!r}{more} ends past its {size} bytes; "
+            "the download or copy did not finish"
+        )
+    return f"{path}: not a valid safetensors file ({error})"
+
+
+def _data_end(entry) -> int:
+    """Where a header entry's bytes end (0 for the metadata or a malformed entry)."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    ok = isinstance(offsets, list) and len(offsets) == 2 and isinstance(offsets[1], int)
+    return offsets[1] if ok else 0
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -74,12 +127,16 @@ def read_hf_dir(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         state = {}
         for shard in shards:
+            if not isinstance(shard, str) or os.path.basename(shard) != shard:
+                raise ValueError(f"{index}: shard {shard!r} is not a file name in {path}")
+            if not os.path.isfile(os.path.join(path, shard)):
+                raise FileNotFoundError(f"{index} names shard {shard}, which is not in {path}")
             state.update(_read_safetensors(os.path.join(path, shard)))
     elif os.path.isfile(torch_bin):
-        import torch
-
-        sd = torch.load(torch_bin, map_location="cpu", weights_only=True)
-        state = {k: v.float().numpy() for k, v in sd.items()}
+        state = torch_load_numpy(torch_bin)
+        if not isinstance(state, dict):
+            raise ValueError(f"{torch_bin} holds a {type(state).__name__}, not a state_dict")
+        check_weights(torch_bin, state)
     else:
         raise FileNotFoundError(
             f"no weights in {path}: expected {WEIGHTS_FILE}, {_INDEX_FILE} or {_TORCH_FILE}"

@@ -154,6 +154,37 @@ _FUSED = 3
 
 # HF buffers that may appear in a state_dict and carry no weights.
 _IGNORED_SUFFIXES = ("position_ids",)
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")  # what a weight may be stored as
+
+
+def is_buffer(key: str) -> bool:
+    """Whether a state_dict key is an HF buffer (integer `position_ids`), not a weight."""
+    return key.endswith(_IGNORED_SUFFIXES)
+
+
+def check_weights(path: str, tensors: Mapping[str, Any], skip=None) -> None:
+    """Raise ValueError naming `path` and the tensor for the first weight that is not a float
+    array (int64, bool, ...) or holds a NaN or an infinity: loading it would train or evaluate
+    garbage. HF buffers (`position_ids`) and keys `skip(key)` accepts are not weights."""
+    for key, value in tensors.items():
+        if is_buffer(key) or (skip is not None and skip(key)):
+            continue
+        array = np.asarray(value)
+        if array.dtype.name not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{path}: tensor {key!r} has dtype {array.dtype}, but weights are floating "
+                f"point ({', '.join(FLOAT_DTYPES)}); not a weights file this model can load"
+            )
+        if array.dtype.kind != "f":  # ml_dtypes' bfloat16
+            array = array.astype(np.float32)
+        finite = np.isfinite(array)
+        if not finite.all():
+            nan = int(np.count_nonzero(np.isnan(array)))
+            raise ValueError(
+                f"{path}: tensor {key!r} {tuple(array.shape)} holds {nan} NaN and "
+                f"{finite.size - int(finite.sum()) - nan} infinite values: the file is damaged "
+                "or comes from a run that diverged"
+            )
 
 
 def _layer_indices(entry: Entry, cfg) -> list[int | None]:

@@ -19,6 +19,7 @@ import re
 
 import numpy as np
 
+from beta_clip_jax.convert.names import check_weights
 from beta_clip_jax.convert.positions import RES_POSITIONS_KEY, effective_text_positions
 from beta_clip_jax.convert.torch_pickle import read_torch_file
 from beta_clip_jax.models.variants import match_variant, resolve_model_config
@@ -38,7 +39,10 @@ def read_openai_state_dict(path: str) -> dict[str, np.ndarray]:
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise ValueError(f"{path} holds a {type(sd).__name__}, not a state_dict")
-    return {k.removeprefix("module."): np.asarray(v) for k, v in sd.items()}
+    sd = {k.removeprefix("module."): np.asarray(v) for k, v in sd.items()}
+    # attn_mask holds -inf by design; the others are integer attributes, not weights.
+    check_weights(path, sd, skip=_NON_WEIGHTS.search)
+    return sd
 
 
 _BLOCK_RENAMES = {

@@ -13,7 +13,8 @@ something that only stores data:
 - `collections.OrderedDict` and `argparse.Namespace` (containers of plain values);
 - TorchScript module classes (`__torch__.*`): a `Record` holding the object's attribute dict.
 
-Any other name is refused with an UnpicklingError naming it, before anything is called.
+Any other name is refused with an UnpicklingError naming it and the file, before anything is
+called; so is a stream that calls an allowed name with arguments it does not take.
 """
 
 import argparse
@@ -23,6 +24,7 @@ import functools
 import io
 import pickle
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -102,7 +104,10 @@ class RestrictedUnpickler(pickle.Unpickler):
             return name
         if module.startswith("__torch__"):
             return self._record
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint")
+        hint = ""
+        if module.startswith("torch"):  # e.g. _rebuild_tensor_v3, which float8 tensors need
+            hint = " (tensors other than float16, bfloat16, float32 and float64 ones are refused)"
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint{hint}")
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -119,7 +124,10 @@ class TorchZip:
 
     def __init__(self, path: str):
         self.path = path
-        self._zip = zipfile.ZipFile(path)
+        try:
+            self._zip = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise ValueError(f"{path}: a damaged zip, not a readable torch file ({e})") from None
         names = self._zip.namelist()
         pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if not pkl:
@@ -137,12 +145,31 @@ class TorchZip:
         self._zip.close()
 
     def root(self):
-        data = self._zip.read(f"{self.prefix}/data.pkl")
-        return RestrictedUnpickler(io.BytesIO(data)).load()
+        data = self._read(f"{self.prefix}/data.pkl")
+        try:
+            return RestrictedUnpickler(io.BytesIO(data)).load()
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"{self.path}: {e}") from None
+        except Exception as e:  # cut short, wrong arguments to an allowed name, bad opcodes
+            raise pickle.UnpicklingError(
+                f"{self.path}: data.pkl is not a checkpoint this reader accepts "
+                f"({type(e).__name__}: {e})"
+            ) from None
+
+    def _read(self, member: str) -> bytes:
+        try:
+            return self._zip.read(member)
+        except (KeyError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
+            raise ValueError(
+                f"{self.path}: cannot read {member} ({e}); the file is damaged or cut short"
+            ) from None
 
     def _storage(self, key: str, stype: str) -> np.ndarray:
-        raw = self._zip.read(f"{self.prefix}/data/{key}")
+        raw = self._read(f"{self.prefix}/data/{key}")
         dtype = STORAGE_DTYPES[stype]
+        itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+        if len(raw) % itemsize:
+            raise ValueError(f"{self.path}: storage {key} of {len(raw)} bytes is no {stype}")
         if dtype == "bfloat16":  # the high 16 bits of a float32
             bits = np.frombuffer(raw, np.dtype(np.uint16).newbyteorder(self._endian))
             return (bits.astype(np.uint32) << 16).view(np.float32)
@@ -230,20 +257,55 @@ def read_torch_file(path: str, select=None):
         with TorchZip(path) as z:
             root = z.root()
             return z.materialize(select(module_tensors(root) if z.torchscript else root))
+    return torch_load_numpy(path, select)
+
+
+def torch_load_numpy(path: str, select=None):
+    """A legacy (or any) torch file through `torch.load(weights_only=True)`, which allows the
+    same argparse.Namespace as RestrictedUnpickler, with `select(object)`'s tensors as numpy.
+    Refusals and unreadable files raise naming the file."""
     import torch
 
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    return _torch_to_numpy(select(obj))
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's refusal of a name or opcode
+        raise pickle.UnpicklingError(
+            f"{path}: refusing to load it: {_torch_refusal(e)} (torch.load with "
+            "weights_only=True; nothing from the file was run)"
+        ) from None
+    except Exception as e:  # cut short, not a torch file at all
+        raise ValueError(f"{path}: not a readable torch file ({type(e).__name__}: {e})") from None
+    return _torch_to_numpy((select or (lambda o: o))(obj), path)
 
 
-def _torch_to_numpy(obj):
+def _torch_refusal(error) -> str:
+    """The reason in torch's weights-only refusal, without its advice to load the file with
+    weights_only=False (which would run whatever it names)."""
+    text = str(error)
+    _, found, rest = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (rest if found else text).splitlines() if line.strip()]
+    reasons = [line for line in lines if found or "nsupported" in line or "blocked" in line]
+    return reasons[0].split(". Please")[0] if reasons else "a name or opcode it does not allow"
+
+
+def _torch_to_numpy(obj, path: str, name: str = ""):
     import torch
 
     if torch.is_tensor(obj):  # .float() also widens bfloat16, which numpy lacks
+        floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        if obj.is_floating_point() and obj.dtype not in floats:  # float8: not widened quietly
+            raise ValueError(
+                f"{path}: tensor {name!r} has dtype {obj.dtype}, but weights are float16, "
+                "bfloat16, float32 or float64"
+            )
         return obj.float().numpy() if obj.is_floating_point() else obj.numpy()
     if isinstance(obj, dict):
-        return type(obj)((k, _torch_to_numpy(v)) for k, v in obj.items())
+        return type(obj)((k, _torch_to_numpy(v, path, _join(name, k))) for k, v in obj.items())
     if isinstance(obj, list | tuple):
-        return type(obj)(_torch_to_numpy(v) for v in obj)
+        return type(obj)(_torch_to_numpy(v, path, _join(name, i)) for i, v in enumerate(obj))
     return obj
+
+
+def _join(name: str, key) -> str:
+    return f"{name}.{key}" if name else str(key)

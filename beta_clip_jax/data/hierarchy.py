@@ -33,6 +33,9 @@ _DEDUPE_MAX_REPLACEMENTS = 10
 _REPEATS = {m: re.compile(rf"(.{{{m},20}}?)\1\1+") for m in _DEDUPE_PASSES}
 _WORD_OR_PUNCT = re.compile(r"[A-Za-z0-9]+(?:['’-][A-Za-z0-9]+)*|[^\sA-Za-z0-9]")
 _WORDS = re.compile(r"\w+")
+# C0/C1 control characters that are not whitespace (NUL, ESC, DEL, ...): no text, so they are
+# removed; whitespace ones (tab, newline, ...) become single spaces when texts are split.
+_CONTROLS = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,12 @@ class TextHierarchy:
     caption: str
     sentences: list[str]
     phrases: list[str]
+
+
+def strip_controls(text: str) -> str:
+    """`text` without its non-whitespace control characters: a caption or phrase of nothing
+    else is empty (an empty caption is skipped, an empty phrase dropped), not a blank slot."""
+    return _CONTROLS.sub("", text)
 
 
 def dedupe_caption(text: str) -> str:
@@ -259,7 +268,8 @@ def build_hierarchy(
 ) -> TextHierarchy:
     """Sample the texts of one image. `sentences`, `phrases`, `sentence_phrases`: precomputed.
 
-    Precomputed sentences (already de-duplicated by prepare.py) replace dedupe + split.
+    Control characters are removed first (`strip_controls`). Precomputed sentences (already
+    de-duplicated by prepare.py) replace dedupe + split.
     `sentence_phrases` (one {"noun", "verb_adp", "spatial"} group per sentence) gives the
     reference's phrases of the sampled caption: noun phrases of the sampled sentences in sampled
     order, then verb+adp, then spatial, de-duplicated, the first `max_phrases`; it takes
@@ -277,9 +287,9 @@ def build_hierarchy(
         _check_groups(sentence_phrases)
         groups = list(sentence_phrases)
     if sentences is None:
-        sentences = split_sentences(dedupe_caption(caption))
+        sentences = split_sentences(dedupe_caption(strip_controls(caption)))
     else:
-        sentences = [" ".join(str(s).split()) for s in sentences]
+        sentences = [" ".join(strip_controls(str(s)).split()) for s in sentences]
         keep = [i for i, s in enumerate(sentences) if s]  # drop empties, keep groups aligned
         sentences = [sentences[i] for i in keep]
         groups = None if groups is None else [groups[i] for i in keep]
@@ -296,6 +306,7 @@ def build_hierarchy(
             found = clean_phrases(phrases)  # every sentence kept: all phrases belong
         else:
             found = phrases_in_text(clean_phrases(phrases), joined)
+        found = merge_phrases([strip_controls(p) for p in found])
     return TextHierarchy(caption=joined, sentences=picked, phrases=found[:max_phrases])
 
 

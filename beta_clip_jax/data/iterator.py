@@ -30,13 +30,15 @@ from beta_clip_jax.data import hierarchy
 
 SKIP_REASONS = (
     "missing_image", "corrupt_image", "empty_caption", "non_text_caption", "bad_utf8",
-    "bad_record",
+    "bad_record", "image_too_large", "unsafe_path",
 )  # fmt: skip
 # Layout of the per-record "_counts" vector: the skip reasons, then per text level the texts
 # that filled their length (truncated or exactly full; counted, not skipped: truncation keeps
 # EOT), then phrases a packed batch had no room for (data/packing.py).
 TRUNCATION_COUNTERS = tuple(f"truncated_{level}" for level in hierarchy.LEVELS)
 COUNTERS = (*SKIP_REASONS, *TRUNCATION_COUNTERS, "pack_dropped_phrases")
+# The layout of states saved before image_too_large and unsafe_path (they carry no names).
+_COUNTERS_BEFORE_NAMES = (*SKIP_REASONS[:6], *TRUNCATION_COUNTERS, "pack_dropped_phrases")
 EXAMPLES_PER_REASON = 5
 # The config field that sets each text level's length, and what it defaults to.
 _LENGTH_FIELDS = {
@@ -271,6 +273,7 @@ class TrainIterator(grain.DatasetIterator):
         return {
             "next_batch": self._next_batch,
             "counts": [int(n) for n in self.counts],
+            "counter_names": list(COUNTERS),
             **self.ledger.state(),
         }
 
@@ -278,8 +281,14 @@ class TrainIterator(grain.DatasetIterator):
         self.close()  # the reader restarts lazily at the restored position
         self._next_batch = int(state["next_batch"])
         self.counts = np.zeros(len(COUNTERS), np.int64)
-        if len(state["counts"]) == len(COUNTERS):
-            self.counts[:] = state["counts"]
+        names = state.get("counter_names")
+        if names is None:
+            known = (COUNTERS, _COUNTERS_BEFORE_NAMES)
+            names = next((n for n in known if len(n) == len(state["counts"])), None)
+        if names is not None and len(names) == len(state["counts"]):
+            for name, n in zip(names, state["counts"], strict=True):
+                if name in COUNTERS:  # restored by name: new counters start at 0
+                    self.counts[COUNTERS.index(name)] = n
         else:  # a checkpoint of an older counter layout: the order resumes, the tallies restart
             log.warning("data counters of an older layout in the checkpoint; counting anew")
         if "bad" in state:

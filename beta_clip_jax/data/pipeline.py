@@ -67,6 +67,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.crop_scale = (0.5, 1.0)
     c.crop_ratio = (3 / 4, 4 / 3)
     c.jpeg_draft = True  # JPEG DCT-domain downscale to >= 2x image_size before cropping
+    # Images whose header declares more pixels are skipped undecoded ("image_too_large"); never
+    # above PIL's Image.MAX_IMAGE_PIXELS (docs/data.md, Bad records).
+    c.max_image_pixels = sources.DEFAULT_MAX_IMAGE_PIXELS
     c.num_workers = 0  # grain worker processes (0: decode in this process)
     c.num_threads = 2  # batches built concurrently per process
     c.prefetch = 2  # batches buffered per thread / per worker
@@ -105,6 +108,8 @@ class RecordProcessor:
         self.crop_scale = tuple(data_cfg.crop_scale)
         self.crop_ratio = tuple(data_cfg.crop_ratio)
         self.draft_size = 2 * self.image_size if data_cfg.jpeg_draft else None
+        self.max_pixels = data_cfg.get("max_image_pixels", sources.DEFAULT_MAX_IMAGE_PIXELS)
+        sources.pixel_limit(self.max_pixels)  # a bad setting fails here, before any compile
         self.sizes = {
             "max_sentences": int(data_cfg.max_sentences),
             "max_phrases": int(data_cfg.max_phrases),
@@ -117,6 +122,8 @@ class RecordProcessor:
             record = self.source[index]
         except UnicodeDecodeError as e:
             raise _Skip("bad_utf8", f"{record_id(index)}: {e}") from e
+        except sources.UnsafePathError as e:  # refused before anything is opened
+            raise _Skip("unsafe_path", f"{record_id(index)}: {e}") from e
         except Exception as e:  # malformed JSON line, missing key, unreadable caption file...
             raise _Skip("bad_record", f"{record_id(index)}: {type(e).__name__}: {e}") from e
         return record
@@ -133,7 +140,9 @@ class RecordProcessor:
             raise _Skip("non_text_caption", f"{rid}: caption is {type(caption).__name__}")
         extra = {k: record.get(k) for k in ("sentences", "phrases")}
         for key, value in extra.items():
-            if value is not None and not all(isinstance(t, str) for t in value):
+            if value is not None and not (
+                isinstance(value, list | tuple) and all(isinstance(t, str) for t in value)
+            ):
                 raise _Skip("bad_record", f"{rid}: {key} must be a list of strings")
         try:  # per-sentence phrase groups (data/prepare.py) are checked by the hierarchy
             texts = hierarchy.build_hierarchy(
@@ -144,7 +153,7 @@ class RecordProcessor:
                 sentence_phrases=record.get("sentence_phrases"),
                 **extra,
             )
-        except ValueError as e:
+        except (TypeError, ValueError) as e:  # e.g. sentence_phrases of the wrong shape
             raise _Skip("bad_record", f"{rid}: {e}") from e
         if not texts.sentences:
             raise _Skip("empty_caption", f"{rid}: caption has no text ({caption[:80]!r})")
@@ -156,9 +165,11 @@ class RecordProcessor:
         src = record.get("image_path", record.get("image"))
         rid = record.get("id", "?")
         try:
-            img = sources.open_image(src, draft_size=self.draft_size)
+            img = sources.open_image(src, draft_size=self.draft_size, max_pixels=self.max_pixels)
         except FileNotFoundError as e:
             raise _Skip("missing_image", f"{rid}: {src}") from e
+        except sources.ImageTooLargeError as e:
+            raise _Skip("image_too_large", f"{rid}: {e}") from e
         except Exception as e:
             raise _Skip("corrupt_image", f"{rid}: {e}") from e
         if self.random_crop:

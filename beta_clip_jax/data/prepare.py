@@ -218,6 +218,8 @@ DROP_COUNTERS = {
     "non_text_caption": "dropped_bad_caption",
     "missing_image": "dropped_missing_image",
     "corrupt_image": "dropped_corrupt_image",
+    "image_too_large": "dropped_corrupt_image",
+    "unsafe_path": "dropped_bad_record",
 }
 MAX_LISTED_DROPS = 50  # the summary lists this many drops; every drop is logged
 
@@ -297,7 +299,9 @@ def prepare(
         pool = multiprocessing.get_context("spawn").Pool(processes)
     try:
         if image_root is not None:
-            records = _decodable(records, image_root, pool, drops)
+            records = _decodable(
+                records, image_root, pool, drops, allow_absolute=given_root is None
+            )
         else:
             _log.warning("prepare: no --image_root, so the images of %s are not checked", fmt)
         stats.update(_kept_summary(drops, records, image_root, check))
@@ -314,9 +318,21 @@ def prepare(
     return stats
 
 
-def _decodable(records, image_root, pool, drops):
-    """The records whose image decodes; the others are dropped (reported)."""
-    paths = [os.path.join(image_root, r["image"]) for _, r in records]
+def _decodable(records, image_root, pool, drops, allow_absolute=False):
+    """The records whose image decodes; the others are dropped (reported). A path that would
+    leave image_root is dropped unopened, as training refuses it."""
+    resolved = []
+    for where, record in records:
+        try:
+            path = sources.resolve_image_path(
+                image_root, record["image"], allow_absolute=allow_absolute
+            )
+        except sources.UnsafePathError as e:
+            drops.add(where, record["image"], f"unsafe_path: {e}")
+            continue
+        resolved.append((where, record, path))
+    records = [(where, record) for where, record, _ in resolved]
+    paths = [path for _, _, path in resolved]
     problems = (
         pool.imap(sources.image_problem, paths, 64) if pool else map(sources.image_problem, paths)
     )

@@ -4,10 +4,12 @@ synthetic scenes.
 Every source is a module-level class with `__len__`/`__getitem__` that pickles small (file
 offsets, not contents), so spawned grain workers can rebuild it. A record is a dict with "id",
 "image_path" (str) or "image" (encoded bytes or uint8 HWC), "caption" and, optionally,
-"sentences"/"phrases"/"sentence_phrases". Sources do not validate records: a malformed entry
-raises from `__getitem__` (invalid UTF-8 as UnicodeDecodeError) and the pipeline counts it as a
-skip. Missing dataset files raise at construction, before anything compiles, saying what was
-expected where.
+"sentences"/"phrases"/"sentence_phrases". A malformed entry raises from `__getitem__` (invalid
+UTF-8 as UnicodeDecodeError, an image path leaving the image root as UnsafePathError, anything
+else as ValueError naming the field) and the pipeline counts it as a skip. Sources check the
+shape of a record, not its contents: captions are checked by the pipeline, images when decoded
+(`open_image`, which also refuses images over a pixel limit before decoding them). Missing
+dataset files raise at construction, before anything compiles, saying what was expected where.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import math
 import os
 import re
+import stat
 
 import numpy as np
 from PIL import Image
@@ -25,51 +28,135 @@ from beta_clip_jax.data.synthetic import SyntheticScenes
 
 SHAREGPT4V_HELD_OUT = 1000  # json[:1000] is the SV-1k evaluation set (docs/data.md)
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_UTF8_BOM = "\xef\xbb\xbf"  # as latin-1 characters
+
+
+# Images whose header declares more pixels are refused before decoding (data.max_image_pixels):
+# 64 MP (8000 x 8000, ~190 MB as RGB) passes full-frame camera and 50 MP phone photos.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 
 class CorruptImageError(ValueError):
     """An image file exists but cannot be decoded."""
 
 
-def open_image(src, draft_size: int | None = None) -> Image.Image:
+class ImageTooLargeError(CorruptImageError):
+    """An image declares more pixels than the limit (or is a PIL decompression bomb)."""
+
+
+class UnsafePathError(ValueError):
+    """A record's image path that would leave the image root."""
+
+
+def pixel_limit(max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> int | None:
+    """The pixel limit in force: `max_pixels`, but never above PIL's own Image.MAX_IMAGE_PIXELS.
+
+    Above PIL's limit Image.open warns (DecompressionBombWarning) and above twice it refuses;
+    capping here makes every image PIL would warn about a refused one, whatever the warning
+    filters are. None: PIL's limit only. Raises ValueError for a limit that is not positive.
+    """
+    if max_pixels is not None and (isinstance(max_pixels, bool) or int(max_pixels) < 1):
+        raise ValueError(f"data.max_image_pixels must be a positive number, got {max_pixels!r}")
+    limits = [int(n) for n in (max_pixels, Image.MAX_IMAGE_PIXELS) if n]
+    return min(limits) if limits else None
+
+
+def _check_pixels(width: int, height: int, limit: int | None, name) -> None:
+    if limit is not None and width * height > limit:
+        raise ImageTooLargeError(
+            f"image {name} is {width} x {height} = {width * height} pixels, over the limit of "
+            f"{limit} (data.max_image_pixels, at most PIL's Image.MAX_IMAGE_PIXELS); not decoded"
+        )
+
+
+def _check_regular_file(path) -> None:
+    """A path must name a regular file: a directory, FIFO or device is no image (and a FIFO
+    would block the reader). FileNotFoundError for a missing one, as open() raises."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise CorruptImageError(f"cannot decode image {path}: not a regular file")
+
+
+def open_image(
+    src, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> Image.Image:
     """Decode a path, encoded bytes or uint8 array to a fully loaded RGB PIL image.
 
     `draft_size`: let the JPEG decoder downscale by 1/2..1/8 while both sides stay >= it (much
     faster on large photos, no visible loss when the result is resized below it anyway).
+    `max_pixels` (`pixel_limit`): an image whose header declares more pixels raises
+    ImageTooLargeError before any pixel is decoded, as does a PIL decompression bomb.
     Raises FileNotFoundError for a missing file and CorruptImageError for undecodable data.
     """
+    limit = pixel_limit(max_pixels)
     if isinstance(src, np.ndarray):
         if src.dtype != np.uint8 or src.ndim not in (2, 3):
             raise CorruptImageError(
                 f"expected a uint8 HW or HWC array, got {src.dtype} {src.shape}"
             )
+        _check_pixels(src.shape[1], src.shape[0], limit, "<array>")
         return Image.fromarray(
             src[..., 0] if src.ndim == 3 and src.shape[-1] == 1 else src
         ).convert("RGB")
     name = src if isinstance(src, str | os.PathLike) else "<bytes>"
     try:
+        if isinstance(src, str | os.PathLike):
+            _check_regular_file(src)
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+            _check_pixels(img.width, img.height, limit, name)  # header only so far
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
             return img.convert("RGB")
-    except FileNotFoundError:
+    except (FileNotFoundError, CorruptImageError):
         raise
-    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBomb...
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # The warning arrives here only when warning filters turn it into an error; otherwise
+        # the pixel check above refuses the image, since the limit never exceeds PIL's.
+        raise ImageTooLargeError(f"image {name} is too large: {e}") from e
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError...
         raise CorruptImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
 
 
-def image_problem(path: str, draft_size: int | None = None) -> tuple[str, str] | None:
-    """(reason, detail) when `path` cannot be trained on ("missing_image" / "corrupt_image", the
-    training pipeline's skip reasons), else None. Decodes with `open_image`, as training does, so
-    a file that passes here is one the pipeline can read."""
+def image_problem(
+    path: str, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[str, str] | None:
+    """(reason, detail) when `path` cannot be trained on ("missing_image" / "image_too_large" /
+    "corrupt_image", the training pipeline's skip reasons), else None. Decodes with
+    `open_image`, as training does, so a file that passes here is one the pipeline can read."""
     try:
-        open_image(path, draft_size=draft_size)
+        open_image(path, draft_size=draft_size, max_pixels=max_pixels)
     except FileNotFoundError:
         return "missing_image", f"no file {path}"
+    except ImageTooLargeError as e:
+        return "image_too_large", str(e)
     except CorruptImageError as e:
         return "corrupt_image", str(e)
     return None
+
+
+def resolve_image_path(root: str, image, *, allow_absolute: bool = False) -> str:
+    """`root` joined with a record's `image` path, refusing one that would leave `root`.
+
+    UnsafePathError for a path whose ".." components climb out of `root` (checked on the text,
+    so symbolic links under the root still work), an absolute path unless `allow_absolute`
+    (when no image root was configured and the file's folder stands in for it), or a NUL byte;
+    ValueError for a value that is not a non-empty string.
+    """
+    if not isinstance(image, str) or not image:
+        raise ValueError(f"field 'image' must be a non-empty path string, got {image!r:.80}")
+    if "\x00" in image:
+        raise UnsafePathError(f"image path {image!r:.200} contains a NUL byte")
+    if os.path.isabs(image):
+        if not allow_absolute:
+            raise UnsafePathError(
+                f"absolute image path {image!r:.200} while data.image_root is set to {root}: "
+                "image paths must be relative to it"
+            )
+        return image
+    normal = os.path.normpath(image)
+    if normal == os.pardir or normal.startswith(os.pardir + os.sep):
+        raise UnsafePathError(f"image path {image!r:.200} leaves the image root {root}")
+    return os.path.join(root, image)
 
 
 def load_image(src) -> np.ndarray:
@@ -121,24 +208,56 @@ def _json_array_offsets(path: str) -> tuple[np.ndarray, np.ndarray]:
     """
     with open(path, "rb") as f:
         text = f.read().decode("latin-1")
-    decoder = json.JSONDecoder()
-    pos = re.compile(r"\s*").match(text, 0).end()
+    # strict=False: a raw control character inside a string still ends where the string ends;
+    # reading that element later (strict) makes it one counted bad record, not a failed run.
+    decoder = json.JSONDecoder(strict=False)
+    ws = re.compile(r"\s*")
+    pos = ws.match(text, len(_UTF8_BOM) if text.startswith(_UTF8_BOM) else 0).end()
     if text[pos : pos + 1] != "[":
         raise ValueError(f"{path}: expected a JSON array (ShareGPT4V format)")
     pos += 1
     starts, ends = [], []
-    ws = re.compile(r"\s*")
     while True:
         pos = ws.match(text, pos).end()
         if text[pos : pos + 1] == "]":
             break
-        _, end = decoder.raw_decode(text, pos)
+        try:
+            _, end = decoder.raw_decode(text, pos)
+        except (ValueError, RecursionError) as e:  # element boundaries are lost past here
+            raise ValueError(
+                f"{path}: not a valid JSON array from byte {pos} (entry {len(starts)}): "
+                f"{type(e).__name__}: {e}; fix or drop that entry"
+            ) from None
         starts.append(pos)
         ends.append(end)
         pos = ws.match(text, end).end()
         if text[pos : pos + 1] == ",":
             pos += 1
     return np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+
+
+def _json_object(raw: bytes) -> dict:
+    """One entry's JSON object. Its bytes must be UTF-8 (UnicodeDecodeError otherwise: the
+    "bad_utf8" skip); ValueError for invalid JSON (raw control characters in strings included)
+    or a value that is not an object."""
+    entry = json.loads(raw.decode("utf-8-sig"))
+    if not isinstance(entry, dict):
+        raise ValueError(f"a JSON {type(entry).__name__}, not an object")
+    return entry
+
+
+def _field(entry: dict, key: str):
+    if key not in entry:
+        raise ValueError(f"no {key!r} field")
+    return entry[key]
+
+
+def _text_list(entry: dict, key: str) -> list | None:
+    """A precomputed list field ("sentences", "phrases", ...), or None when absent or null."""
+    value = entry.get(key)
+    if value is not None and not isinstance(value, list):
+        raise ValueError(f"field {key!r} must be a list, got {type(value).__name__}")
+    return value
 
 
 class ShareGPT4VSource:
@@ -168,13 +287,16 @@ class ShareGPT4VSource:
         return f"{self._name}[{index}]"
 
     def __getitem__(self, index: int) -> dict:
-        entry = json.loads(self._file.read(index))
-        caption = entry["conversations"][1]["value"]
+        entry = _json_object(self._file.read(index))
+        turns = _field(entry, "conversations")
+        if not (isinstance(turns, list) and len(turns) > 1 and isinstance(turns[1], dict)):
+            raise ValueError("field 'conversations' must be a list of at least two turns")
+        caption = _field(turns[1], "value")
         if isinstance(caption, str):
             caption = caption.replace("\n", " ")
         return {
             "id": self.record_id(index),
-            "image_path": os.path.join(self.image_root, entry["image"]),
+            "image_path": resolve_image_path(self.image_root, _field(entry, "image")),
             "caption": caption,
         }
 
@@ -190,6 +312,9 @@ class JsonlSource:
 
     def __init__(self, path: str, image_root: str | None = None):
         _require(path, "JSONL file", self.how)
+        # Without a configured root the file's folder stands in, and absolute paths are the
+        # file's own layout; with one, every path must stay under it.
+        self.allow_absolute = not image_root
         self.image_root = jsonl_image_root(path, image_root)
         _require(self.image_root, "image root of the JSONL file", "set data.image_root")
         with open(path, "rb") as f:
@@ -214,15 +339,19 @@ class JsonlSource:
         return f"{self._name}:{self.line_number(index)}"
 
     def __getitem__(self, index: int) -> dict:
-        entry = json.loads(self._file.read(index))
+        entry = _json_object(self._file.read(index))
+        image = _field(entry, "image")
         record = {
             "id": self.record_id(index),
-            "image_path": os.path.join(self.image_root, entry["image"]),
-            "caption": entry["caption"],
+            "image_path": resolve_image_path(
+                self.image_root, image, allow_absolute=self.allow_absolute
+            ),
+            "caption": _field(entry, "caption"),
         }
         for key in ("sentences", "phrases", "sentence_phrases"):
-            if entry.get(key) is not None:
-                record[key] = list(entry[key])
+            value = _text_list(entry, key)
+            if value is not None:
+                record[key] = value
         return record
 
 

@@ -134,6 +134,8 @@ def _jsonl_pair(source, index: int, caption_mode: str, check_images: bool):
         record = source[index]
     except UnicodeDecodeError as e:
         return None, None, f"bad_utf8: {e}"
+    except sources.UnsafePathError as e:
+        return None, None, f"unsafe_path: {e}"
     except Exception as e:  # malformed JSON, a missing "image" or "caption" key
         return None, None, f"bad_record: {type(e).__name__}: {e}"
     caption = record["caption"]
