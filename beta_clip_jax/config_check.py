@@ -218,7 +218,7 @@ def total_steps(config) -> int:
 
 def train_set_size(config) -> int:
     """Records the training source offers after skip_first, the eval_fraction hold-out and
-    max_records (the range pipeline.shard_range reads)."""
+    max_records (the range pipeline.train_range reads)."""
     from beta_clip_jax.data import sources
 
     data = config.data

@@ -139,12 +139,11 @@ def test_eval_fraction_split_is_disjoint_and_complete(tmp_path, skip_first):
     start, stop = sources.held_out_range(n, fraction, skip)
     held = set(range(start, stop))
     assert stop == n and len(held) == round(fraction * (n - skip) + 0.01)
-    for count in (1, 2, 3):
-        shards = [pipeline.shard_range(n, skip, None, p, count, fraction) for p in range(count)]
-        train = [f + s * k for f, s, length in shards for k in range(length)]
-        assert len(train) == len(set(train)) and not held & set(train)
-        if count == 1:  # complete: every record after skip_first is trained on or held out
-            assert sorted(train) + sorted(held) == list(range(skip, n))
+    first, length = pipeline.train_range(n, skip, None, fraction)
+    train = list(range(first, first + length))  # every process reads this range (global order)
+    assert not held & set(train)
+    # Complete: every record after skip_first is trained on or held out.
+    assert sorted(train) + sorted(held) == list(range(skip, n))
     assert train_set_size(config) == start - skip
     # The evaluator reads exactly the held-out records, in order.
     ev = build_evaluator(
@@ -153,7 +152,7 @@ def test_eval_fraction_split_is_disjoint_and_complete(tmp_path, skip_first):
     abs_paths = [os.path.join(str(tmp_path), e[0]) for e in entries]
     assert ev.data.image_paths == abs_paths[start:] and ev.data.skipped == []
     # max_records caps training inside its part; the held-out tail stays out of reach.
-    assert pipeline.shard_range(n, skip, 100, 0, 1, fraction)[2] == start - skip
+    assert pipeline.train_range(n, skip, 100, fraction)[1] == start - skip
 
 
 def test_training_never_reads_the_held_out_records(tmp_path):
@@ -182,4 +181,4 @@ def test_held_out_range_rules():
         with pytest.raises(ValueError, match="eval_fraction"):
             sources.held_out_range(10, bad)
     with pytest.raises(ValueError, match="eval_fraction=0.9"):
-        pipeline.shard_range(2, 0, None, 0, 1, 0.9)
+        pipeline.train_range(2, 0, None, 0.9)

@@ -370,8 +370,8 @@ class _FlakyProcessor:
 
 def test_loader_reads_a_bad_record_once_and_replaces_as_documented(tmp_path):
     proc = _FlakyProcessor()
-    loader = pipeline.PositionLoader(proc, seed=7, shard=(0, 1, 6), max_attempts=100)
-    fresh = pipeline.PositionLoader(_FlakyProcessor(), seed=7, shard=(0, 1, 6), max_attempts=100)
+    loader = pipeline.PositionLoader(proc, seed=7, first=0, length=6, max_attempts=100)
+    fresh = pipeline.PositionLoader(_FlakyProcessor(), seed=7, first=0, length=6, max_attempts=100)
     got = [loader(pos, pos % 6) for pos in range(30)]  # 5 epochs, unshuffled
     assert proc.reads[1] == proc.reads[3] == 1
     bad = {1: "corrupt_image", 3: "corrupt_image"}.get

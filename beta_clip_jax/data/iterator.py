@@ -103,9 +103,11 @@ class SkipLedger:
             out[reason] += 1
         return out
 
-    def check_due(self, min_records: int) -> bool:
-        """Enough distinct records seen to judge the fraction: min_records, or the shard."""
-        return bool(self.size) and self.num_seen >= min(min_records, self.size)
+    def check_due(self, min_records: int, process_count: int = 1) -> bool:
+        """Enough distinct records seen to judge the fraction: min_records, or this process's
+        share of one pass (each process reads 1/process_count of every epoch)."""
+        share = math.ceil(self.size / max(int(process_count), 1))
+        return bool(self.size) and self.num_seen >= min(min_records, share)
 
     def state(self) -> dict:
         bits = None
@@ -141,8 +143,8 @@ def skip_message(ledger: SkipLedger, max_skip_fraction: float) -> str:
     fraction = skipped / seen
     lines = [
         f"{skipped} of {seen} distinct data records read so far were unusable ({fraction:.2%} "
-        f"> data.max_skip_fraction={max_skip_fraction}; this process's shard has {ledger.size} "
-        "records, each counted once however often it is drawn):"
+        f"> data.max_skip_fraction={max_skip_fraction}; the training range has {ledger.size} "
+        "records, each counted once by this process however often it is drawn):"
     ]
     for reason, n in ledger.counts().items():
         if n:
@@ -171,8 +173,9 @@ class TrainIterator(grain.DatasetIterator):
     `metrics()` gives them as `data/skipped_<reason>` etc. Call `close()` to stop workers.
     """
 
-    def __init__(self, batches, data_cfg, log_examples: bool = True):
+    def __init__(self, batches, data_cfg, log_examples: bool = True, process_count: int = 1):
         super().__init__()
+        self.process_count = int(process_count)
         self._batches = batches  # MapDataset of raw batches (with the "_" keys above)
         self._read = grain.ReadOptions(
             num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch
@@ -252,7 +255,7 @@ class TrainIterator(grain.DatasetIterator):
 
     def _check(self):
         ledger = self.ledger
-        if not ledger.check_due(self.min_records):
+        if not ledger.check_due(self.min_records, self.process_count):
             return
         if len(ledger.bad) > self.max_skip_fraction * ledger.num_seen:
             raise DataSkipError(skip_message(ledger, self.max_skip_fraction))

@@ -1,17 +1,23 @@
 """Training input pipeline: grain MapDataset from a record source to CONTRACTS.md batches.
 
-    source indices [skip_first, +max_records) -> per-process shard (interleaved, disjoint, drop
-    remainder) -> shuffle (seeded, reshuffled each epoch) -> repeat -> per position: decode +
-    crop image, caption hierarchy, tokenise -> batch -> (worker processes) -> TrainIterator
+    source indices [skip_first, +max_records) -> shuffle (seeded, reshuffled each epoch) ->
+    repeat: the global stream -> this process's rows of each global batch -> per position:
+    decode + crop image, caption hierarchy, tokenise -> batch -> (worker processes) ->
+    TrainIterator
 
-Every record is a pure function of (seed, epoch, source index): its crop and sentence sample come
-from `np.random.default_rng([seed, epoch, index, attempt])`. A record that cannot be used is
-replaced in the same batch slot by a record drawn from `(seed, position, attempt)`, so batches stay
-full and identical whatever the number of worker processes, and the iterator state (the next
-batch index plus the counters) restores exactly, even with another number of workers. Each loader
+The global order: global batch s holds the stream positions [s * B, (s + 1) * B) of one stream
+over the whole dataset, and process i decodes rows [i * B / P, (i + 1) * B / P) of it. So the
+global batch at step s is a pure function of (seed, s), the same for any number of processes and
+devices, and a run may resume with another process count (the iterator state is the next batch
+index and the counters, with no process in it). Every record is a pure function of (seed,
+epoch, source index): its crop and sentence sample come from
+`np.random.default_rng([seed, epoch, index, attempt])`. A record that cannot be used is replaced
+in the same batch slot by a record drawn from the whole dataset by `(seed, global position,
+attempt)`, so batches stay full and identical whatever the number of processes and worker
+processes, and the iterator state restores exactly, even with another number of workers. Each loader
 copy remembers the records that failed and does not read them again (whether a record is usable
 does not depend on its draw, so this changes no batch). Skips travel inside each batch
-("_counts", "_examples", with the shard offset of each record), so counting is correct with
+("_counts", "_examples", with the range offset of each record), so counting is correct with
 worker processes; `TrainIterator` (data/iterator.py) strips them, counts each unusable record
 once against the distinct records seen, warns once per reason with an example, and stops past
 data.max_skip_fraction (docs/data.md, Bad records).
@@ -202,19 +208,19 @@ class RecordProcessor:
 
 
 class PositionLoader:
-    """grain map_with_index function: stream position + source index -> example with skips.
+    """(global stream position, source index) -> example with skips.
 
-    A slot whose record is bad takes a replacement from the process's own shard, drawn from
-    (seed, position, attempt). The example carries "_offset" (the shard offset k of the record
-    used; source index = first + step * k) and "_shard_size"; every failed attempt is counted
-    in "_counts" and described in "_examples" (newline-joined `iterator.failure_line`s), which
-    the TrainIterator turns into counts per distinct record.
+    A slot whose record is bad takes a replacement from the whole training range, drawn from
+    (seed, position, attempt). The example carries "_offset" (the offset k of the record used
+    in the range; source index = first + k) and "_shard_size" (the range's length); every
+    failed attempt is counted in "_counts" and described in "_examples" (newline-joined
+    `iterator.failure_line`s), which the TrainIterator turns into counts per distinct record.
     """
 
-    def __init__(self, processor, *, seed, shard, max_attempts):
+    def __init__(self, processor, *, seed, first, length, max_attempts):
         self.processor = processor
         self.seed = int(seed)
-        self.first, self.step, self.length = shard  # source index = first + step * k
+        self.first, self.length = int(first), int(length)  # source index = first + offset
         self.max_attempts = int(max_attempts)
         # offset -> (reason, failure line) of the records found unusable by this copy. Whether a
         # record is usable does not depend on its draw (the draw only samples sentences and a
@@ -228,10 +234,14 @@ class PositionLoader:
         if known is not None:
             return known
         try:
-            return self.processor(self.first + self.step * offset, rng)
+            return self.processor(self.first + offset, rng)
         except _Skip as e:
             self._bad[offset] = (e.reason, failure_line(offset, str(e)))
             return self._bad[offset]
+
+    def at(self, position_and_index: tuple[int, int]) -> dict:
+        """The example of a (position, index) pair, as ProcessRows gives them."""
+        return self(*position_and_index)
 
     def __call__(self, position: int, index: int) -> dict:
         counts = np.zeros(len(COUNTERS), np.int32)
@@ -240,8 +250,8 @@ class PositionLoader:
         for attempt in range(self.max_attempts + 1):
             if attempt:
                 rng = np.random.default_rng([self.seed, _REPLACEMENT_STREAM, position, attempt])
-                index = self.first + self.step * int(rng.integers(self.length))
-            offset = (int(index) - self.first) // self.step
+                index = self.first + int(rng.integers(self.length))
+            offset = int(index) - self.first
             rng = np.random.default_rng([self.seed, epoch, int(index), attempt])
             example = self._example(offset, rng)
             if isinstance(example, tuple):
@@ -263,25 +273,42 @@ class PositionLoader:
         )
 
 
-def shard_range(
-    num_records, skip_first, max_records, process_index, process_count, eval_fraction=0.0
-):
-    """(first, step, length): this process's source indices, first + step * k for k < length.
+def train_range(num_records, skip_first, max_records, eval_fraction=0.0) -> tuple[int, int]:
+    """(first, length): training reads source indices [first, first + length), every process
+    the same range (the global order).
 
-    Training reads [skip_first, held-out start) capped at max_records; the held-out tail
+    That is [skip_first, held-out start) capped at max_records; the held-out tail
     (sources.held_out_range) is never read, whatever max_records is.
     """
     start = min(skip_first, num_records)
     end, _ = sources.held_out_range(num_records, eval_fraction, skip_first)
     stop = end if max_records is None else min(end, start + max_records)
-    length = (stop - start) // process_count
-    if length < 1:
+    if stop - start < 1:
         raise ValueError(
-            f"{stop - start} records (of {num_records}, skip_first={skip_first}, "
-            f"eval_fraction={eval_fraction}) cannot give every one of {process_count} processes "
-            "a record"
+            f"no records left to train on (of {num_records}, skip_first={skip_first}, "
+            f"max_records={max_records}, eval_fraction={eval_fraction})"
         )
-    return start + process_index, process_count, length
+    return start, stop - start
+
+
+class ProcessRows:
+    """Process-local stream position n -> (global position, source index) of the global order:
+    row j of this process's batch s is row i * per_process + j of global batch s."""
+
+    def __init__(self, stream, *, process_index: int, process_count: int, per_process: int):
+        self.stream = stream  # the global stream: global position -> source index
+        self.process_index = int(process_index)
+        self.per_process = int(per_process)
+        self.global_batch = self.per_process * int(process_count)
+
+    def __call__(self, n: int) -> tuple[int, int]:
+        s, j = divmod(int(n), self.per_process)
+        position = s * self.global_batch + self.process_index * self.per_process + j
+        return position, int(self.stream[position])
+
+    def local_length(self, global_length: int) -> int:
+        """Local positions of the whole global batches a stream of global_length holds."""
+        return global_length // self.global_batch * self.per_process
 
 
 def build_batches(
@@ -309,26 +336,37 @@ def build_batches(
     source = sources.make_source(data_cfg, size)
     skip = data_cfg.skip_first
     skip = sources.default_skip_first(data_cfg.name) if skip is None else skip
-    shard = shard_range(
-        len(source), skip, data_cfg.max_records, process_index, process_count,
-        data_cfg.get("eval_fraction", 0.0),
-    )  # fmt: skip
-    first, step, length = shard
-    if length < batch_size_per_process:
+    first, length = train_range(
+        len(source), skip, data_cfg.max_records, data_cfg.get("eval_fraction", 0.0)
+    )
+    global_batch = batch_size_per_process * process_count
+    if length < global_batch:
         raise ValueError(
-            f"process shard has {length} records, fewer than one batch ({batch_size_per_process})"
+            f"{length} training records, fewer than one global batch ({global_batch} = "
+            f"{batch_size_per_process} per process x {process_count} processes)"
         )
-    ds = grain.MapDataset.range(first, first + step * length, step)
+    stream = grain.MapDataset.range(first, first + length)
     if training:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs)
+        stream = stream.shuffle(seed=seed)
+    stream = stream.repeat(num_epochs)
+    rows = ProcessRows(
+        stream,
+        process_index=process_index,
+        process_count=process_count,
+        per_process=batch_size_per_process,
+    )
     processor = RecordProcessor(
         source, tokenizer or Tokenizer(), data_cfg, image_size=size, training=training
     )
     loader = PositionLoader(
-        processor, seed=seed, shard=shard, max_attempts=data_cfg.max_replacement_attempts
+        processor,
+        seed=seed,
+        first=first,
+        length=length,
+        max_attempts=data_cfg.max_replacement_attempts,
     )
-    batches = ds.map_with_index(loader).batch(batch_size_per_process, drop_remainder=True)
+    local = grain.MapDataset.range(rows.local_length(len(stream)))
+    batches = local.map(rows).map(loader.at).batch(batch_size_per_process, drop_remainder=True)
     if not data_cfg.get("pack_texts"):
         return batches
     # Groups must tile the batch: checked here, before any worker starts.
@@ -369,4 +407,4 @@ def build_train_iterator(
         tokenizer=tokenizer, training=training, num_epochs=num_epochs,
         micro_batches=micro_batches,
     )  # fmt: skip
-    return TrainIterator(batches, data_cfg)
+    return TrainIterator(batches, data_cfg, process_count=process_count)

@@ -540,7 +540,7 @@ def held_out_range(num_records: int, fraction: float, skip_first: int = 0) -> tu
     """[start, stop) of the records `data.eval_fraction` keeps out of training: the last
     `fraction` of those after `skip_first`, rounded half up, at least one when fraction > 0.
 
-    The one rule for the split: training stops at `start` (pipeline.shard_range, config_check's
+    The one rule for the split: training stops at `start` (pipeline.train_range, config_check's
     step count) and the `jsonl` evaluator reads exactly [start, stop), so no record is in both.
     """
     fraction = float(fraction or 0.0)
