@@ -46,6 +46,9 @@ def base_config(variant: str = "B/16") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.write_plots = False  # at the end: final table, curves.png, heatmap.png (plots.py)
     c.stop_at_step = 0  # > 0: save and exit at that step as if preempted (for tests and demos)
+    # Resume even though fields that change the computation differ from the checkpoint's stored
+    # config (logged); otherwise such a rerun stops naming them (config_drift.py).
+    c.allow_config_change = False
     c.evals = ml_collections.ConfigDict()
     # "START,END": a jax.profiler trace of steps START..END in workdir/plugins/profile/ (process
     # 0), which TensorBoard's profile plugin opens.

@@ -80,6 +80,7 @@ def main(argv):
     root.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     for handler in root.handlers:
         handler.addFilter(_QuietLibraries())
+    from beta_clip_jax.checkpoint import CheckpointError
     from beta_clip_jax.config_check import ConfigError
     from beta_clip_jax.data.pipeline import DataSkipError
     from beta_clip_jax.train import STOPPED_EXIT_STATUS, Stopped, train_and_evaluate
@@ -89,8 +90,9 @@ def main(argv):
     except Stopped as e:
         logging.warning("%s", e)
         sys.exit(STOPPED_EXIT_STATUS)
-    except DataSkipError as e:
-        # Too many unusable records: the message names them and the fixes.
+    except (DataSkipError, CheckpointError) as e:
+        # Too many unusable records (the message names them and the fixes), a failed save or
+        # a checkpoint directory none of whose steps restores (the message names the path).
         if _DEBUG.value:
             raise
         sys.exit(f"beta_clip_jax: {e}")

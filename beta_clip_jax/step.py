@@ -20,6 +20,9 @@ from flax import struct
 from beta_clip_jax import objective, optim, sharding
 from beta_clip_jax.data.transforms import normalize
 
+# The batch entry (and metric) holding the input pipeline's counters (train_step).
+DATA_COUNTS = "data_counts"
+
 
 @struct.dataclass
 class TrainState:
@@ -141,7 +144,12 @@ def split_micro_batches(x: jax.Array, n: int) -> jax.Array:
 def train_step(state: TrainState, batch, *, model, tx, loss_cfg, grad_accum: int, optim_cfg=None):
     """One optimiser step; with grad_accum > 1 the batch is split into micro-batches.
 
-    `optim_cfg` (config.optim) names the locked towers; None locks nothing."""
+    `optim_cfg` (config.optim) names the locked towers; None locks nothing. An optional
+    "data_counts" [B, C] (each process's data counters in its first row) is summed over the
+    whole batch into metrics["data_counts"]: the counters of all processes, added up inside
+    the step rather than by a collective of the host."""
+    batch = dict(batch)
+    data_counts = batch.pop(DATA_COUNTS, None)
     loss_and_grads = functools.partial(_loss_and_grads, model, loss_cfg, optim_cfg=optim_cfg)
     if grad_accum <= 1:
         loss, metrics, grads = loss_and_grads(state.params, batch, state.step)
@@ -178,6 +186,8 @@ def train_step(state: TrainState, batch, *, model, tx, loss_cfg, grad_accum: int
     metrics["loss"] = loss
     metrics["grad_norm"] = grad_norm
     metrics["param_norm"] = optax.tree.norm(params)
+    if data_counts is not None:
+        metrics[DATA_COUNTS] = data_counts.sum(axis=0)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

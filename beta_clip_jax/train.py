@@ -8,6 +8,7 @@ checkpoint, else config.init, else random) -> compile -> steps with logging, che
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 
@@ -16,7 +17,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from beta_clip_jax import checkpoint, objective, perf, sharding
+from beta_clip_jax import checkpoint, config_drift, objective, perf, sharding
 from beta_clip_jax import step as step_lib
 from beta_clip_jax.config_check import ConfigError, check_config, resolve_config, total_steps
 from beta_clip_jax.data import pipeline
@@ -47,15 +48,33 @@ class Stopped(Exception):
         self.step = step
 
 
+def _preemption_sync_manager():
+    """JAX's preemption sync manager, which jax.distributed.initialize starts on every
+    multi-process run (None on one process): it takes SIGTERM (and, on Cloud TPU, maintenance
+    notices) through the coordination service."""
+    from jax._src import distributed
+
+    return getattr(distributed.global_state, "preemption_sync_manager", None)
+
+
 class _Preemption:
-    """Remembers a SIGTERM or a first Ctrl-C, so the loop saves a checkpoint at the next step
-    boundary and stops; a second Ctrl-C exits at once (KeyboardInterrupt)."""
+    """Saves a checkpoint and stops on SIGTERM or a first Ctrl-C; a second Ctrl-C exits at once
+    (KeyboardInterrupt).
+
+    One process: a signal handler sets a flag that the loop reads at the next step boundary.
+    Several processes: every process must save the same step, which Orbax's preemption sync
+    point agrees on through JAX's coordination service: `reached_preemption_sync_point(step)`
+    reads a local flag each step and talks to the other processes only once a notice arrived,
+    so there is no per-step collective. JAX's own notifier takes SIGTERM there (ours is not
+    installed over it) and a Ctrl-C is turned into a SIGTERM to this process.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = None  # the signal's name once one arrived
+        self.requested = None  # the signal's name once one arrived here
         self._previous = {}
+        self.synced = jax.process_count() > 1 and _preemption_sync_manager() is not None
 
     def install(self):
         def handler(signum, frame):
@@ -70,8 +89,12 @@ class _Preemption:
                 name,
                 again if signum == signal.SIGINT else "",
             )
+            if self.synced:  # JAX's SIGTERM notifier tells the other processes
+                os.kill(os.getpid(), signal.SIGTERM)
 
         for sig in self.SIGNALS:
+            if self.synced and sig == signal.SIGTERM:
+                continue  # JAX's notifier holds SIGTERM
             try:
                 self._previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside some test runners)
@@ -82,26 +105,26 @@ class _Preemption:
             signal.signal(sig, previous)
         self._previous = {}
 
-    def agreed(self) -> bool:
-        # Every process must save the same step, so the flag is agreed across processes.
-        if jax.process_count() == 1:
+    def agreed(self, step: int) -> bool:
+        """True at the step every process stops at (call it once per step, on every process)."""
+        if not self.synced:
             return bool(self.requested)
-        flags = multihost_utils.process_allgather(np.array([bool(self.requested)]))
-        return bool(np.any(flags))
+        return bool(multihost_utils.reached_preemption_sync_point(int(step)))
 
 
 def _restore_or_init(config, workdir, model, tx, mesh, ckpt, data_iter):
     """Resume precedence: own checkpoint -> config.init -> random init."""
     params_abs, params_sh, opt_abs, opt_sh = step_lib.state_shardings(model, tx, config, mesh)
-    latest = ckpt.latest_step()
-    if latest is not None:
+    if ckpt.latest_step() is not None:
         target_p = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params_abs, params_sh
         )
         target_o = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abs, opt_sh
         )
-        params, opt_state, _ = ckpt.restore(latest, target_p, target_o, data_iter)
+        # The newest checkpoint that restores; a broken one is skipped by name, and none
+        # restoring is an error (a fresh start would overwrite them).
+        params, opt_state, _, latest = ckpt.restore_latest(target_p, target_o, data_iter)
         logging.info("resumed from %s step %d", ckpt.directory, latest)
         return params, opt_state, latest, params_sh, opt_sh
     init_params = None
@@ -155,7 +178,11 @@ def run_evaluators(evaluators, model, params, tokenizer, step, writer, *, force=
 
 def _setup_workdir(config, workdir):
     """Creates the workdir and writes the resolved config.json (process 0). An evaluation run
-    keeps an existing config.json: it describes the training run, not the evaluation."""
+    keeps an existing config.json: it describes the training run, not the evaluation. A
+    training rerun first compares its config with the newest checkpoint's (config_drift.py),
+    so a refused one leaves config.json as it was."""
+    if config.mode != "eval":
+        _check_config_drift(config, workdir)
     if jax.process_index() == 0:
         path = epath.Path(workdir) / "config.json"
         try:
@@ -166,6 +193,14 @@ def _setup_workdir(config, workdir):
             raise ConfigError(
                 f"cannot write the workdir {workdir}: {e}; pick another --workdir"
             ) from e
+
+
+def _check_config_drift(config, workdir):
+    stored = checkpoint.latest_stored_config(workdir)
+    if stored is not None:
+        step, stored_config = stored
+        where = f"checkpoint step {step} under {checkpoint.checkpoint_dir(workdir)}"
+        config_drift.check_resume(config, stored_config, where)
 
 
 def _no_compilation_cache_on_cpu_clusters():
@@ -248,6 +283,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     )
                     logging.warning("saved step %d before stopping for bad data", step - 1)
                 raise
+            local[step_lib.DATA_COUNTS] = _counter_rows(data_iter, len(local["image"]))
             batch = sharding.global_batch_from_local(local, mesh)
             data_wait = time.perf_counter() - t0
             if compiled is None:
@@ -271,13 +307,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 _check_finite(*pending)
                 last = _log_step(step, metrics, schedules, progress, writer, data_iter, utilization)
             stop = config.get("stop_at_step", 0) and step >= config.stop_at_step
-            signalled = preemption.agreed()
+            signalled = preemption.agreed(step)
             if signalled or stop:
                 _check_finite(*pending)
                 ckpt.save(step, state.params, state.opt_state, data_iter, _meta(config), True)
                 logging.warning("stopping at step %d; rerun the same command to resume", step)
                 if signalled:
-                    raise Stopped(step, preemption.requested or "a signal on another process")
+                    raise Stopped(
+                        step,
+                        preemption.requested
+                        or "a preemption notice (SIGTERM here or on another process)",
+                    )
                 return last
             if step % config.checkpoint_every == 0 or step == num_steps:
                 _check_finite(*pending)
@@ -304,10 +344,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info("done: %d steps", num_steps)
     finally:
         profiler.stop()
-        ckpt.close()
         data_iter.close()
         writer.close()
         preemption.uninstall()
+        ckpt.close()  # last: it raises when a background save failed
     if config.get("write_plots") and jax.process_index() == 0:
         _report_run(workdir)
     return last
@@ -328,7 +368,13 @@ def _report_run(workdir):
 
 
 def _meta(config) -> dict:
-    return {"variant": config.model.variant, "loss": config.loss.name}
+    """What each training checkpoint stores besides the arrays: the resolved config is what a
+    rerun is compared with (config_drift.py)."""
+    return {
+        "variant": config.model.variant,
+        "loss": config.loss.name,
+        "config": config_drift.stored_form(config),
+    }
 
 
 def _check_finite(step, metrics):
@@ -340,6 +386,15 @@ def _check_finite(step, metrics):
             f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={grad}); "
             "the update was not applied and the last good checkpoint is kept"
         )
+
+
+def _counter_rows(data_iter, rows: int) -> np.ndarray:
+    """int32 [rows, C]: this process's data counters (data_iter.metrics(), in its order) in row
+    0, zeros below, for the step to sum over all processes' rows (step.train_step)."""
+    values = np.asarray(list(data_iter.metrics().values()), np.int32)
+    out = np.zeros((rows, len(values)), np.int32)
+    out[0] = values
+    return out
 
 
 def _step_utilization(config, tx, mesh, state, batch, writer, step):
@@ -369,7 +424,9 @@ def _step_utilization(config, tx, mesh, state, batch, writer, step):
 
 
 def _log_step(step, metrics, schedules, progress, writer, data_iter, utilization=None):
-    scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+    metrics = dict(jax.device_get(metrics))
+    counts = metrics.pop(step_lib.DATA_COUNTS, None)
+    scalars = {f"train/{k}": float(v) for k, v in metrics.items()}
     scalars.pop("train/finite", None)
     for group, schedule in schedules.items():
         scalars[f"train/lr_{group}"] = float(schedule(step - 1))
@@ -378,7 +435,12 @@ def _log_step(step, metrics, schedules, progress, writer, data_iter, utilization
         flops, devices, peak, shared = utilization
         seconds = 1.0 / scalars["perf/steps_per_sec"]
         scalars.update(perf.utilization(flops, seconds, devices, peak, shared))
-    scalars.update(data_iter.metrics())
+    # Every process's counters, summed by the step (this process's alone if it had none).
+    names = tuple(data_iter.metrics())
+    if counts is None:
+        scalars.update(data_iter.metrics())
+    else:
+        scalars.update({name: int(n) for name, n in zip(names, counts, strict=True)})
     writer.write(step, scalars)
     logging.info(progress.line(step, scalars))
     return scalars
