@@ -1,8 +1,11 @@
 """Orbax checkpoints of the train state and the grain iterator, saved together.
 
-Items per step: "params" and "opt_state" (sharded arrays), "data" (the input iterator's state, one
-file per process), "meta" (step, config summary, the resolved training config and a checksum of
-every saved array). Keeping params separate lets evaluation and export read a checkpoint without
+Items per step: "params" and "opt_state" (sharded arrays), "data_state" (the input iterator's
+state, one JSON for all processes: every process's state gathered and merged by the iterator's
+`merge_states`, so a run resumes on another number of processes), "meta" (step, config summary,
+the resolved training config and a checksum of every saved array). Checkpoints of earlier
+versions hold "data" instead (grain's per-process files), which restores with the same number of
+processes only. Keeping params separate lets evaluation and export read a checkpoint without
 the optimiser state.
 
 Resume precedence (train.py): a checkpoint in the workdir -> `config.init` -> random init.
@@ -53,7 +56,8 @@ class CheckpointError(RuntimeError):
 
 
 class ShapeMismatchError(ValueError):
-    """A checkpoint written for another model shape (a config mistake, not a broken file)."""
+    """A checkpoint written for another model shape, or an earlier version's per-process data
+    state for another process count (a config mistake, not a broken file)."""
 
 
 # Suffix a checkpoint that failed to restore is renamed to (STEP.unrestorable), kept for a look.
@@ -150,8 +154,30 @@ def item_handlers(with_data: bool = True) -> dict:
         "meta": ocp.JsonCheckpointHandler(),
     }
     if with_data:
-        handlers["data"] = grain.checkpoint.CheckpointHandler()
+        handlers["data_state"] = ocp.JsonCheckpointHandler()
+        handlers["data"] = grain.checkpoint.CheckpointHandler()  # earlier checkpoints
     return handlers
+
+
+def _gather_json(value) -> list:
+    """Every process's JSON-able `value`, in process order (a host exchange: checkpoints only)."""
+    if jax.process_count() == 1:
+        return [value]
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[:n])) for row, n in zip(rows, sizes.reshape(-1), strict=True)]
+
+
+def _data_save_args(data_iter) -> dict:
+    if hasattr(data_iter, "merge_states"):
+        shared = data_iter.merge_states(_gather_json(data_iter.get_state()))
+        if jax.process_count() > 1:  # the running counters become exact again
+            data_iter.adopt_merged(shared, jax.process_index())
+        return {"data_state": ocp.args.JsonSave(shared)}
+    return {"data": grain.checkpoint.CheckpointSave(data_iter)}  # an iterator of another kind
 
 
 class Checkpointer:
@@ -192,7 +218,7 @@ class Checkpointer:
             "meta": ocp.args.JsonSave({"step": int(step), **meta, "checksums": checksums}),
         }
         if data_iter is not None:
-            args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+            args.update(_data_save_args(data_iter))
         try:
             saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
         except Exception as e:  # noqa: BLE001 (any failure to write stops the run, named)
@@ -222,12 +248,29 @@ class Checkpointer:
             "opt_state": ocp.args.StandardRestore(abstract_opt_state),
             "meta": ocp.args.JsonRestore(),
         }
-        if data_iter is not None:
+        shared = data_iter is not None and (self.step_path(step) / "data_state").exists()
+        if shared:
+            args["data_state"] = ocp.args.JsonRestore()
+        elif data_iter is not None:
+            self._check_per_process_data(step)
             args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         params, opt_state, meta = restored["params"], restored["opt_state"], restored["meta"]
+        if shared:
+            data_iter.set_shared_state(restored["data_state"], jax.process_index())
         self._verify_checksums(step, meta.get("checksums"), params, opt_state)
         return params, opt_state, meta
+
+    def _check_per_process_data(self, step) -> None:
+        """An earlier version's per-process data state restores with its process count only."""
+        data = self.step_path(step) / "data"
+        wanted = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if data.exists() and not (data / wanted).exists():
+            written = sorted(p.name for p in data.iterdir())
+            raise ShapeMismatchError(
+                f"{data} holds the input pipeline's state per process ({', '.join(written)}), "
+                f"written by an earlier version: resume it with that number of processes"
+            )
 
     def _verify_checksums(self, step, stored, params, opt_state) -> None:
         if not stored:  # written before checksums were saved

@@ -99,3 +99,51 @@ def test_a_global_batch_must_fit_the_data(dataset):
             image_size=16,
             tokenizer=Tokenizer(),
         )
+
+
+def _summed(iterators):
+    totals = {}
+    for it in iterators:
+        for key, value in it.metrics().items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+@pytest.mark.parametrize("after", [1, 2, 4])
+def test_merged_state_resumes_with_counters_that_add_up(dataset, after):
+    """The checkpoint's data state (merge_states of every process's) restored on any process
+    count: the merged totals go on exactly as one uninterrupted process's; the running sum
+    may count a bad record once per process that met it since the last merge."""
+    reference = _iterators(dataset, 1)[0]
+    take(reference, STEPS)
+    running = _iterators(dataset, 2)
+    _global_batches(running, 3)
+    merged = pipeline.TrainIterator.merge_states([it.get_state() for it in running])
+    assert merged["next_batch"] == 3
+    assert merged["records_seen"] <= sum(it.records_seen for it in running)
+    resumed = _iterators(dataset, after)
+    for i, it in enumerate(resumed):
+        it.set_shared_state(merged, process_index=i)
+    assert _summed(resumed)["data/skipped_missing_image"] == merged["counts"][0]
+    _global_batches(resumed, STEPS - 3)
+    want, got = reference.metrics(), _summed(resumed)
+    final = pipeline.TrainIterator.merge_states([it.get_state() for it in resumed])
+    merged = _iterators(dataset, 1)[0]
+    merged.set_shared_state(final, process_index=0)
+    assert merged.metrics() == want
+    for key, value in want.items():
+        assert value <= got[key] <= after * value, key
+    assert want["data/skipped_missing_image"] + want["data/skipped_corrupt_image"] == 2
+    # Adopting the merge while running (what every checkpoint save does) makes the sum exact.
+    for i, it in enumerate(resumed):
+        it.adopt_merged(final, process_index=i)
+    assert _summed(resumed) == want
+    assert _global_batches(resumed, 1)[0]["image"].shape[0] == GLOBAL_BATCH  # reader kept
+
+
+def test_merge_refuses_processes_at_different_batches(dataset):
+    one, two = _iterators(dataset, 2)
+    take(one, 2)
+    take(two, 1)
+    with pytest.raises(ValueError, match="different batches"):
+        pipeline.TrainIterator.merge_states([one.get_state(), two.get_state()])

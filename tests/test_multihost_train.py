@@ -231,12 +231,10 @@ def test_two_processes_train(runs):
     config = json.loads((workdir / "config.json").read_text())
     assert config["num_steps"] == NUM_STEPS and config["checkpoint_every"] == CHECKPOINT_EVERY
     assert _committed_steps(workdir)[-1] == NUM_STEPS
-    # Each process saved its own data-iterator state in the final checkpoint.
-    data = workdir / "checkpoints" / str(NUM_STEPS) / "data"
-    assert sorted(p.name for p in data.glob("process_*.json")) == [
-        "process_0-of-2.json",
-        "process_1-of-2.json",
-    ]
+    # One data state for both processes (merged: it holds no process), none per process.
+    step_dir = workdir / "checkpoints" / str(NUM_STEPS)
+    state = json.loads((step_dir / "data_state" / "metadata").read_text())
+    assert state["next_batch"] == NUM_STEPS and not (step_dir / "data").exists()
 
 
 class _MergedIterator(grain.DatasetIterator):

@@ -191,6 +191,7 @@ class TrainIterator(grain.DatasetIterator):
         # Truncation and packing totals; the skip slots mirror the ledger's distinct counts.
         self.counts = np.zeros(len(COUNTERS), np.int64)
         self.ledger = SkipLedger()
+        self._seen_base = 0  # records another process reported before a shared restore
         self._warned: set[str] = set()
 
     @property
@@ -269,7 +270,7 @@ class TrainIterator(grain.DatasetIterator):
         out.update(levels)
         out["data/truncated_texts"] = sum(levels.values())
         out["data/pack_dropped_phrases"] = int(self.counts[COUNTERS.index("pack_dropped_phrases")])
-        out["data/records_seen"] = int(self.ledger.num_seen)
+        out["data/records_seen"] = int(self.ledger.num_seen) - self._seen_base
         return out
 
     def get_state(self) -> dict:
@@ -301,12 +302,92 @@ class TrainIterator(grain.DatasetIterator):
             self.ledger = SkipLedger()
             self.counts[: len(SKIP_REASONS)] = 0
 
+    @staticmethod
+    def merge_states(states: list[dict]) -> dict:
+        """`merge_states` (the checkpoint calls it through the iterator it is given)."""
+        return merge_states(states)
+
+    def set_shared_state(self, state: dict, process_index: int) -> None:
+        """Restores a `merge_states` state, which holds no process: every process takes the
+        position and the merged ledger (a record any process counted is not counted again),
+        and process 0 alone the totals, so that counters summed over processes stay right
+        with any number of processes."""
+        self.set_state(state)
+        self._share_totals(process_index)
+
+    def adopt_merged(self, state: dict, process_index: int) -> None:
+        """Takes the merged ledger and totals of a checkpoint save while running on (the
+        reader and its position are kept): from here on no process counts again a record
+        another one counted, so the summed counters are exact again after every save."""
+        if int(state["next_batch"]) != self._next_batch:
+            raise ValueError(f"merged state at batch {state['next_batch']}, not {self._next_batch}")
+        position, reader = self._next_batch, self._inner
+        self._inner = None  # set_state would close the running reader
+        self.set_state(state)
+        self._next_batch, self._inner = position, reader
+        self._share_totals(process_index)
+
+    def _share_totals(self, process_index: int) -> None:
+        self._seen_base = 0
+        if int(process_index) != 0:
+            self.counts[:] = 0
+            self._seen_base = self.ledger.num_seen
+
     def close(self) -> None:
         if self._inner is not None:
             close = getattr(self._inner, "close", None)
             if close is not None:
                 close()
             self._inner = None
+
+
+def merge_states(states: list[dict]) -> dict:
+    """One iterator state for every process from each process's `get_state()`: the common
+    position, the totals summed, the ledgers' union (records seen, distinct unusable records
+    and their examples). What a checkpoint stores, so a run resumes on any number of
+    processes."""
+    positions = {int(s["next_batch"]) for s in states}
+    if len(positions) != 1:
+        raise ValueError(f"the processes' data iterators are at different batches: {positions}")
+    names = list(COUNTERS)
+    counts = np.zeros(len(names), np.int64)
+    for state in states:
+        for name, n in zip(state.get("counter_names", names), state["counts"], strict=True):
+            if name in COUNTERS:
+                counts[names.index(name)] += int(n)
+    ledgers = [SkipLedger.from_state(s) for s in states if "bad" in s]
+    merged = _merge_ledgers(ledgers)
+    for reason, n in merged.counts().items():  # distinct over all processes
+        counts[names.index(reason)] = n
+    return {
+        "next_batch": positions.pop(),
+        "counts": [int(n) for n in counts],
+        "counter_names": names,
+        **merged.state(),
+    }
+
+
+def _merge_ledgers(ledgers: list[SkipLedger]) -> SkipLedger:
+    out = SkipLedger()
+    out.size = max((ledger.size for ledger in ledgers), default=0)
+    if out.size:
+        seen = np.zeros(out.size, bool)
+        for ledger in ledgers:
+            if not ledger.size:
+                continue
+            if ledger._seen is None:  # a full pass: every record seen
+                seen[:] = True
+            else:
+                seen[: ledger.size] |= ledger._seen
+        out.num_seen = int(seen.sum())
+        out._seen = None if out.num_seen == out.size else seen
+    for ledger in ledgers:
+        for offset, reason in ledger.bad.items():
+            out.bad.setdefault(offset, reason)
+        for reason, texts in ledger.examples.items():
+            kept = out.examples[reason]
+            kept += [t for t in texts if t not in kept][: EXAMPLES_PER_REASON - len(kept)]
+    return out
 
 
 def _ensure_flags_parsed():
