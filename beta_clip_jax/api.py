@@ -314,7 +314,8 @@ def load(
     truncation: str = "eot",
 ) -> Encoder:
     """An Encoder from a workdir, an exported directory, a HF CLIP directory, or a
-    `hf:` / `openai:` / `bclip:` spec (an official β-CLIP checkpoint).
+    `hf:` (a directory or a hub id in the local cache) / `openai:` / `openclip:` / `bclip:`
+    spec (an official β-CLIP checkpoint); see beta_clip_jax.convert.
 
     `model_cfg` (optional) overrides the checkpoint's own config, e.g. context_length=248.
     `truncation` ("eot" | "cut") is how over-long texts are cut (see TRUNCATIONS).

@@ -123,6 +123,17 @@ def check_resume(config, stored: dict | None, where: str) -> list[FieldChange]:
         )
         return []
     changes = config_changes(stored, stored_form(config))
+    # A field only one side has comes from another version of this code (a field added or
+    # dropped since), not from the user: the stored run could not have set it.
+    versioned = [c for c in changes if c.old is ABSENT or c.new is ABSENT]
+    if versioned:
+        logging.warning(
+            "%s was written by another version of beta_clip_jax; fields it lacks or only it "
+            "has are taken as unchanged: %s",
+            where,
+            "; ".join(map(str, versioned)),
+        )
+    changes = [c for c in changes if c not in versioned]
     operational = [c for c in changes if is_operational(c.field)]
     drift = [c for c in changes if not is_operational(c.field)]
     if operational:

@@ -158,3 +158,24 @@ def test_checkpoint_without_stored_config_resumes_with_a_warning(workdir, caplog
     with caplog.at_level(logging.WARNING):
         train._check_config_drift(tiny_config(**{"loss.beta": 0.3}), str(workdir))
     assert any("no stored config" in r.getMessage() for r in caplog.records)
+
+
+def test_fields_of_another_version_are_not_drift(caplog):
+    """A checkpoint's config from an earlier version lacks the fields added since (and may hold
+    dropped ones): the stored run could not have set them, so they warn and resume."""
+    import logging
+
+    from train_helpers import tiny_config
+
+    from beta_clip_jax.config_check import resolve_config
+
+    config = resolve_config(tiny_config())
+    stored = config_drift.stored_form(config)
+    del stored["model"]["activation"]  # added since
+    stored["loss"]["dropped_field"] = 3  # dropped since
+    with caplog.at_level(logging.WARNING):
+        assert config_drift.check_resume(config, stored, "checkpoint step 2") == []
+    assert "model.activation" in caplog.text and "loss.dropped_field" in caplog.text
+    stored["loss"]["beta"] = 0.125  # a real change is still one
+    with pytest.raises(ConfigError, match="loss.beta"):
+        config_drift.check_resume(config, stored, "checkpoint step 2")

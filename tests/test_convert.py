@@ -191,7 +191,10 @@ def test_variant_from_full_size_hf_config():
     }
     cfg = variant_from_hf_config(cfg_json)
     assert cfg.variant == "B/16" and cfg.context_length == 77 and cfg.pooler_heads == 8
-    with pytest.raises(ValueError, match="hidden_act"):
+    with pytest.raises(ValueError, match="hidden_act='relu' \\(supported: quick_gelu, gelu"):
+        variant_from_hf_config({"vision_config": {"hidden_act": "relu"}})
+    # GELU towers load (tests/test_family.py), but both towers share one activation.
+    with pytest.raises(ValueError, match="vision_config.hidden_act='gelu' but text_config"):
         variant_from_hf_config({"vision_config": {"hidden_act": "gelu"}})
 
 

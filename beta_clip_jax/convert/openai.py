@@ -11,18 +11,34 @@ File kinds, all read by `torch_pickle.read_torch_file` (nothing from the file is
   one table the model holds.
 
 Then the OpenAI names are rewritten to HF CLIPModel names, so the one table in names.py does the
-rest. Attention heads are not stored in OpenAI checkpoints; OpenAI models use 64-wide heads.
+rest. Attention heads are not stored in OpenAI checkpoints; OpenAI models use 64-wide heads. MLP
+widths are read off the tensors.
+
+The MLP activation is not stored either, and open_clip's LAION models (GELU) are saved under the
+same names and shapes as OpenAI's (QuickGELU), so `openai_activation` only says QuickGELU where the
+file shows it:
+- a TorchScript archive: OpenAI released its models in this form (open_clip saves plain state
+  dicts); its module classes are checked too, and one of another activation (torch.nn.GELU, as a
+  scripted open_clip model holds) makes it unknown;
+- a Long-CLIP file (`positional_embedding_res`): Long-CLIP fine-tunes OpenAI's models.
+A plain state dict tells nothing, whatever its file name (a re-saved LAION ViT-B-16 is as likely
+as OpenAI's): it needs `openclip:` or a model config that states `activation`.
 """
 
 import os
 import re
+import zipfile
 
 import numpy as np
 
 from beta_clip_jax.convert.names import check_weights
 from beta_clip_jax.convert.positions import RES_POSITIONS_KEY, effective_text_positions
-from beta_clip_jax.convert.torch_pickle import read_torch_file
+from beta_clip_jax.convert.torch_pickle import TorchZip, module_classes, read_torch_file
 from beta_clip_jax.models.variants import match_variant, resolve_model_config
+
+OPENAI_ACTIVATION = "quick_gelu"
+# Module class names of an activation other than QuickGELU (torch.nn.GELU, ReLU, SiLU, ...).
+_OTHER_ACTIVATION = re.compile(r"gelu|relu|silu|swish|mish|tanh|sigmoid", re.IGNORECASE)
 
 # Attributes of the OpenAI module that are not weights.
 _NON_WEIGHTS = re.compile(r"(^|\.)(input_resolution|context_length|vocab_size|attn_mask)$")
@@ -110,10 +126,30 @@ def openai_to_hf_state_dict(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def variant_from_openai_state_dict(sd: dict[str, np.ndarray], heads=None):
+def openai_activation(path: str, sd: dict) -> tuple[str | None, str]:
+    """(activation, why): QuickGELU where the file shows OpenAI's architecture (see the module
+    docstring), else (None, why it cannot be told)."""
+    if RES_POSITIONS_KEY in sd:
+        return OPENAI_ACTIVATION, "a Long-CLIP checkpoint"
+    if not zipfile.is_zipfile(path):
+        return None, "a plain (legacy) state dict"
+    with TorchZip(path) as z:
+        if not z.torchscript:
+            return None, "a plain state dict"
+        classes = module_classes(z.root())
+    names = sorted({c.rsplit(".", 1)[-1] for c in classes})
+    other = [n for n in names if n != "QuickGELU" and _OTHER_ACTIVATION.search(n)]
+    if other:
+        found = ", ".join(other)
+        return None, f"a TorchScript archive with {found} modules, not OpenAI's QuickGELU"
+    return OPENAI_ACTIVATION, "a TorchScript archive (OpenAI's release format)"
+
+
+def variant_from_openai_state_dict(sd: dict[str, np.ndarray], heads=None, activation=None):
     """Our resolved model config from OpenAI tensor shapes (OpenAI-named keys).
 
-    `heads` = (vision_heads, text_heads) to use when known; otherwise width // 64.
+    `heads` = (vision_heads, text_heads) to use when known; otherwise width // 64. `activation`
+    (None: unset, QuickGELU) is the MLP's, which the tensors do not tell.
     """
     try:
         conv = sd["visual.conv1.weight"].shape
@@ -130,6 +166,8 @@ def variant_from_openai_state_dict(sd: dict[str, np.ndarray], heads=None):
             vocab_size=sd["token_embedding.weight"].shape[0],
             context_length=sd["positional_embedding"].shape[0],
             embed_dim=sd["text_projection"].shape[1],
+            vision_mlp_dim=_mlp_dim(sd, "visual.transformer.resblocks.0."),
+            text_mlp_dim=_mlp_dim(sd, "transformer.resblocks.0."),
         )
     except KeyError as e:
         raise ValueError(f"not an OpenAI CLIP state_dict: tensor {e} is missing") from None
@@ -138,7 +176,15 @@ def variant_from_openai_state_dict(sd: dict[str, np.ndarray], heads=None):
     name = match_variant(shapes)
     if name is None:
         shapes["pooler_heads"] = 8 if shapes["embed_dim"] % 8 == 0 else 1
-    return resolve_model_config({"variant": name or "custom", **shapes})
+    return resolve_model_config(
+        {"variant": name or "custom", **shapes, "activation": activation or ""}
+    )
+
+
+def _mlp_dim(sd, block_prefix: str) -> int | None:
+    """The MLP width of the first block (c_fc is [mlp, width]); None for a tower with no block."""
+    weight = sd.get(block_prefix + "mlp.c_fc.weight")
+    return None if weight is None else int(np.shape(weight)[0])
 
 
 def _count_layers(sd, prefix: str) -> int:

@@ -11,7 +11,9 @@ something that only stores data:
   optimizer state of a training checkpoint;
 - `torch.<Type>Storage`: the storage's dtype (bfloat16 is widened to float32: numpy has none);
 - `collections.OrderedDict` and `argparse.Namespace` (containers of plain values);
-- TorchScript module classes (`__torch__.*`): a `Record` holding the object's attribute dict.
+- TorchScript module classes (`__torch__.*`): a `Record` holding the object's attribute dict and
+  the class's qualified name (`module_classes` lists them: the OpenAI importer reads the
+  activation's class off them).
 
 Any other name is refused with an UnpicklingError naming it and the file, before anything is
 called; so is a stream that calls an allowed name with arguments it does not take.
@@ -43,9 +45,11 @@ STORAGE_DTYPES = {
 
 
 class Record:
-    """Inert stand-in for a pickled TorchScript module: keeps its attribute dict, nothing else."""
+    """Inert stand-in for a pickled TorchScript module: keeps its attribute dict, nothing else.
+    Each pickled class gets its own subclass, whose `torch_class` is the class's qualified name."""
 
     state: dict = {}  # replaced per object by __setstate__ (NEWOBJ skips __init__)
+    torch_class: str = ""
 
     def __setstate__(self, state):
         self.state = state if isinstance(state, dict) else {"_": state}
@@ -96,6 +100,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             ("argparse", "Namespace"): type("Namespace", (argparse.Namespace,), {}),
         }
         self._record = type("Record", (Record,), {})
+        self._classes: dict[str, type] = {}
 
     def find_class(self, module, name):
         if (module, name) in self._names:
@@ -103,7 +108,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         if module == "torch" and name in STORAGE_DTYPES:
             return name
         if module.startswith("__torch__"):
-            return self._record
+            qualname = f"{module}.{name}"
+            if qualname not in self._classes:
+                self._classes[qualname] = type("Record", (self._record,), {"torch_class": qualname})
+            return self._classes[qualname]
         hint = ""
         if module.startswith("torch"):  # e.g. _rebuild_tensor_v3, which float8 tensors need
             hint = " (tensors other than float16, bfloat16, float32 and float64 ones are refused)"
@@ -240,6 +248,21 @@ def module_tensors(root) -> dict:
                 walk(v, f"{name}.{k}" if name else k)
 
     walk(root, "")
+    return out
+
+
+def module_classes(root) -> set[str]:
+    """Qualified class names of every module in a TorchScript module tree (as pickled, e.g.
+    "__torch__.torch.nn.modules.activation.GELU")."""
+    out: set[str] = set()
+
+    def walk(obj):
+        if isinstance(obj, Record):
+            out.add(obj.torch_class)
+            for v in obj.state.values():
+                walk(v)
+
+    walk(root)
     return out
 
 

@@ -71,6 +71,9 @@ class BetaCLIP(nn.Module):
             branch_type=c.branch_type,
             branch_layers=c.branch_layers,
             cls_attention=c.branch_cls_attention,
+            mlp_dim=c.vision_mlp_dim,
+            activation=c.activation,
+            layer_norm_eps=c.layer_norm_eps,
         )
         self.text = TextTower(
             vocab_size=c.vocab_size,
@@ -84,6 +87,9 @@ class BetaCLIP(nn.Module):
             scan_layers=c.scan_layers,
             remat=c.remat,
             attention=c.attention,
+            mlp_dim=c.text_mlp_dim,
+            activation=c.activation,
+            layer_norm_eps=c.layer_norm_eps,
         )
         self.pooler = TextConditionedPooler(
             num_heads=c.pooler_heads, dtype=dt, value_init=c.pooler_value_init

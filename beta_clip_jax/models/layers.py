@@ -1,9 +1,11 @@
 """Transformer pieces shared by both towers: LayerNorm, residual block, stacked (scanned) layers.
 
-Layout follows OpenAI CLIP (pre-LN residual blocks, MHA with biases, QuickGELU MLP of 4x width) so
-that pretrained weights map tensor for tensor. Parameters carry logical axis names; the stacked
-layers carry an extra leading "layers" axis whether they are scanned or unrolled, so checkpoints do
-not depend on `scan_layers`.
+Layout follows OpenAI CLIP (pre-LN residual blocks, MHA with biases, a two-layer MLP) so that
+pretrained weights map tensor for tensor. The defaults are OpenAI's (QuickGELU, an MLP 4x the
+width, LayerNorm eps 1e-5); other members of the CLIP family (LAION's open_clip models, SDXL's
+text encoders) set the activation, the MLP width and the eps; none of them changes the parameter
+tree. Parameters carry logical axis names; the stacked layers carry an extra leading "layers" axis
+whether they are scanned or unrolled, so checkpoints do not depend on `scan_layers`.
 """
 
 from typing import Any
@@ -32,6 +34,33 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def _gelu_erf(x: jax.Array) -> jax.Array:
+    """The exact GELU x * Phi(x) (torch.nn.GELU(), HF "gelu", open_clip's default)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU's tanh approximation 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))): HF's
+    "gelu_new" (NewGELUActivation) and "gelu_pytorch_tanh" (torch's approximate="tanh")."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+# model.activation (Hugging Face's hidden_act names) -> the MLP's activation.
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": _gelu_erf,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+}
+
+
+def activation_fn(name: str):
+    """The activation called `name` (a key of ACTIVATIONS)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
 def logical_init(init, axes: tuple[str | None, ...]):
     """An initialiser whose parameter carries logical axis names for the sharding rules."""
     return nn.with_logical_partitioning(init, axes)
@@ -49,7 +78,9 @@ def remat_policy(remat: str):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with eps 1e-5, computed in float32 whatever the input dtype."""
+    """LayerNorm (eps 1e-5 unless given), computed in float32 whatever the input dtype."""
+
+    eps: float = LN_EPS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -59,7 +90,7 @@ class LayerNorm(nn.Module):
         x = x.astype(_F32)
         mu = x.mean(-1, keepdims=True)
         var = jnp.square(x - mu).mean(-1, keepdims=True)
-        return (x - mu) * jax.lax.rsqrt(var + LN_EPS) * scale + bias
+        return (x - mu) * jax.lax.rsqrt(var + self.eps) * scale + bias
 
 
 def _heads_proj(name: str, heads: int, head_dim: int, dtype, std: float) -> nn.DenseGeneral:
@@ -89,8 +120,10 @@ class ResidualBlock(nn.Module):
     may attend) or an additive float bias (Holistic CLIP's multi-CLS attention).
     `branches` = K > 0 (Holistic CLIP's MLP form): x is [B, K, L, W], K streams that share every
     weight and attend only within themselves, except the MLP's second layer: `fc2` then holds
-    one kernel [K, 4W, W] and bias [K, W] per branch (a plain block's fc2 tiled K times is the
+    one kernel [K, M, W] and bias [K, W] per branch (a plain block's fc2 tiled K times is the
     same block run K times).
+    The MLP is W -> M -> W with M = `mlp_dim` (0: 4W, OpenAI's) and `activation` between (a key
+    of ACTIVATIONS); both LayerNorms use `eps`.
     With `carry=True` the call signature is (x, attn) -> (x, None), the form nn.scan wants.
     """
 
@@ -102,17 +135,21 @@ class ResidualBlock(nn.Module):
     num_cls: int = 1
     branches: int = 0
     attention: str = "auto"
+    mlp_dim: int = 0
+    activation: str = "quick_gelu"
+    eps: float = LN_EPS
 
     @nn.compact
     def __call__(self, x: jax.Array, attn: jax.Array | None = None):
         e, h, cd = self.width, self.heads, self.dtype
+        act = activation_fn(self.activation)
         dh = e // h
         std = e**-0.5
         stream_shape = x.shape
         if self.branches:
             x = x.reshape((-1,) + x.shape[2:])  # streams become batch rows
 
-        y = LayerNorm(name="ln_1")(x)
+        y = LayerNorm(self.eps, name="ln_1")(x)
         q = _heads_proj("query", h, dh, cd, std)(y)
         k = _heads_proj("key", h, dh, cd, std)(y)
         v = _heads_proj("value", h, dh, cd, std)(y)
@@ -154,9 +191,9 @@ class ResidualBlock(nn.Module):
         )(ctx)
         x = x + o.astype(_F32)
 
-        y = LayerNorm(name="ln_2")(x)
+        y = LayerNorm(self.eps, name="ln_2")(x)
         y = nn.Dense(
-            4 * e,
+            self.mlp_dim or 4 * e,
             dtype=cd,
             param_dtype=_F32,
             kernel_init=logical_init(nn.initializers.normal((2 * e) ** -0.5), ("embed", "mlp")),
@@ -165,7 +202,7 @@ class ResidualBlock(nn.Module):
         )(y)
         if self.branches:
             x = x.reshape(stream_shape)
-            y = BranchedDense(e, cd, std, name="fc2")(quick_gelu(y).reshape(*stream_shape[:3], -1))
+            y = BranchedDense(e, cd, std, name="fc2")(act(y).reshape(*stream_shape[:3], -1))
             x = x + y.astype(_F32)
             x = constrain(x, ("batch", None, "length", None))
         else:
@@ -176,7 +213,7 @@ class ResidualBlock(nn.Module):
                 kernel_init=logical_init(nn.initializers.normal(std), ("mlp", "embed")),
                 bias_init=logical_init(nn.initializers.zeros_init(), ("embed",)),
                 name="fc2",
-            )(quick_gelu(y))
+            )(act(y))
             x = x + y.astype(_F32)
             x = constrain(x, ("batch", "length", None))
         return (x, None) if self.carry else x
@@ -216,6 +253,9 @@ def block_stack(
     name: str = "blocks",
     branches: int = 0,
     attention: str = "auto",
+    mlp_dim: int = 0,
+    activation: str = "quick_gelu",
+    eps: float = LN_EPS,
 ):
     """`num_layers` residual blocks with parameters stacked on a leading "layers" axis.
 
@@ -246,6 +286,9 @@ def block_stack(
         carry=True,
         branches=branches,
         attention=attention,
+        mlp_dim=mlp_dim,
+        activation=activation,
+        eps=eps,
         name=name,
     )
 

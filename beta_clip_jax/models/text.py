@@ -4,6 +4,7 @@ The first `frozen_positions` rows of the positional table pass through stop_grad
 keep the pretrained short-context positions; the optimizer also masks their updates so weight
 decay cannot move them. Any sequence length up to the table size works: positions are sliced.
 Texts may also come packed several to a row (data/packing.py); the numbers are the same.
+`mlp_dim`, `activation` and `layer_norm_eps` default to OpenAI's (4 x width, QuickGELU, 1e-5).
 """
 
 from typing import Any
@@ -12,7 +13,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from beta_clip_jax.models.layers import LayerNorm, block_stack, constrain, dense_proj, logical_init
+from beta_clip_jax.models.layers import (
+    LN_EPS,
+    LayerNorm,
+    block_stack,
+    constrain,
+    dense_proj,
+    logical_init,
+)
 
 
 class TextTower(nn.Module):
@@ -33,6 +41,9 @@ class TextTower(nn.Module):
     scan_layers: bool = True
     remat: str = "none"
     attention: str = "auto"
+    mlp_dim: int = 0
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = LN_EPS
 
     @nn.compact
     def __call__(
@@ -102,9 +113,12 @@ class TextTower(nn.Module):
                 scan_layers=self.scan_layers,
                 remat=self.remat,
                 attention=self.attention,
+                mlp_dim=self.mlp_dim,
+                activation=self.activation,
+                eps=self.layer_norm_eps,
             )(x, attn)
 
-        ln_final = LayerNorm(name="ln_final")
+        ln_final = LayerNorm(self.layer_norm_eps, name="ln_final")
         proj = dense_proj(self.embed_dim, self.dtype, d**-0.5, "proj")
         if packed:
             # Each text is read at its own EOT; LayerNorm is per token, so after the gather.

@@ -2,6 +2,12 @@
 
 A run names a variant ("B/16") and may override single fields; every consumer (model, converters,
 export, benchmarks) reads the resolved ConfigDict, so the shapes are decided in one place.
+
+VARIANTS is a table of names for common shapes, not the list of shapes allowed: a config (say one
+read from a checkpoint) that sets every shape field itself resolves under any variant name. The
+architecture defaults to OpenAI CLIP's (QuickGELU MLP of 4 x the width, LayerNorm eps 1e-5);
+`activation`, `vision_mlp_dim` / `text_mlp_dim` and `layer_norm_eps` describe the rest of the CLIP
+family (LAION's open_clip models, SDXL's text encoders).
 """
 
 from collections.abc import Mapping
@@ -23,7 +29,17 @@ SHAPE_FIELDS = (
     "context_length",
     "embed_dim",
     "pooler_heads",
+    # MLP hidden widths; None (unset) is 4 x the tower's width, OpenAI's.
+    "vision_mlp_dim",
+    "text_mlp_dim",
 )
+# Shape fields a config may leave unset: they follow from others (see _fill_derived).
+DERIVED_SHAPE_FIELDS = ("vision_mlp_dim", "text_mlp_dim")
+MLP_RATIO = 4
+
+# The MLP activations, by Hugging Face's `hidden_act` names (layers.ACTIVATIONS implements them).
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
+DEFAULT_ACTIVATION = "quick_gelu"  # OpenAI CLIP's; what an unset model.activation means
 
 # Options with a default. The first four change computation only. The method fields add
 # parameters only when their method is on; with the defaults the tree is exactly beta-CLIP's.
@@ -47,6 +63,11 @@ OPTION_DEFAULTS = {
     "branch_type": "cls",  # holistic: "cls" (K class tokens) | "mlp" (per-branch fc2)
     "branch_layers": 3,  # holistic "mlp": how many last vision blocks are branched
     "branch_cls_attention": "block",  # holistic "cls": "block" | "bias" (released +1 quirk)
+    # The towers' MLP activation, one of ACTIVATIONS. "" (unset) resolves to quick_gelu; an
+    # importer refuses a checkpoint whose activation it cannot tell while this is unset
+    # (convert/__init__.py), rather than guessing.
+    "activation": "",
+    "layer_norm_eps": 1e-5,  # every LayerNorm of both towers (the pooler keeps its own 1e-5)
 }
 METHODS = ("beta_clip", "smartclip", "holistic")
 BRANCH_TYPES = ("cls", "mlp")
@@ -54,23 +75,33 @@ BRANCH_TYPES = ("cls", "mlp")
 _TABLE_COLUMNS = SHAPE_FIELDS[:8] + ("embed_dim", "pooler_heads")
 
 # fmt: off
-# OpenAI CLIP shapes; pooler heads follow the beta-CLIP reference (8 for B and L).
+# OpenAI CLIP shapes (B, L) and LAION's larger open_clip towers (H, g, bigG: 80, 88 and 104-wide
+# vision heads); pooler heads follow the beta-CLIP reference (8 for B and L).
 #          image patch v_width v_layers v_heads t_width t_layers t_heads embed pooler_heads
 _TABLE = {
     "B/32":     (224, 32,   768, 12, 12,  512, 12,  8,  512, 8),
     "B/16":     (224, 16,   768, 12, 12,  512, 12,  8,  512, 8),
     "L/14":     (224, 14,  1024, 24, 16,  768, 12, 12,  768, 8),
     "L/14-336": (336, 14,  1024, 24, 16,  768, 12, 12,  768, 8),
+    "H/14":     (224, 14,  1280, 32, 16, 1024, 24, 16, 1024, 8),
+    "g/14":     (224, 14,  1408, 40, 16, 1024, 24, 16, 1024, 8),
+    "bigG/14":  (224, 14,  1664, 48, 16, 1280, 32, 20, 1280, 8),
     # Test and demo sizes: compile and run in about a second on one CPU core.
     "tiny":     (32,   8,    64,  2,  2,   64,  2,  2,   32, 4),
     "tiny-b16": (64,  16,    64,  2,  2,   64,  2,  2,   32, 4),
 }
 # fmt: on
+# Vision MLP widths that are not 4 x the width: open_clip's int(width * mlp_ratio) for ViT-g-14
+# (1408 * 4.3637) and ViT-bigG-14 (1664 * 4.9231). Every other variant leaves them unset (None),
+# so an override of a width keeps the MLP at 4 x the new width, as before these fields existed.
+_VISION_MLP = {"g/14": 6144, "bigG/14": 8192}
 VARIANTS: dict[str, dict[str, Any]] = {
     name: {
         **dict(zip(_TABLE_COLUMNS, row, strict=True)),
         "vocab_size": 49408,
         "context_length": 248,
+        "vision_mlp_dim": _VISION_MLP.get(name),
+        "text_mlp_dim": None,
     }
     for name, row in _TABLE.items()
 }
@@ -111,7 +142,8 @@ def resolve_model_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict):
     if name in VARIANTS:
         base = dict(VARIANTS[name])
     else:
-        missing = [f for f in SHAPE_FIELDS if items.get(f) is None]
+        required = [f for f in SHAPE_FIELDS if f not in DERIVED_SHAPE_FIELDS]
+        missing = [f for f in required if items.get(f) is None]
         if missing:
             if name is None:
                 raise ValueError(f"config.model needs a variant; known variants: {list(VARIANTS)}")
@@ -120,9 +152,22 @@ def resolve_model_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict):
     base.update(OPTION_DEFAULTS)
     base.update({k: v for k, v in items.items() if v is not None})
     base["variant"] = name
+    _fill_derived(base)
     out = ml_collections.ConfigDict({f: base[f] for f in ALL_FIELDS})
     _validate(out)
     return out
+
+
+def _fill_derived(fields: dict) -> None:
+    """Unset MLP widths become 4 x the tower width and an unset activation QuickGELU (OpenAI's
+    architecture), so configs written before these fields existed resolve as they did."""
+    for tower in ("vision", "text"):
+        if fields.get(f"{tower}_mlp_dim") is None and fields.get(f"{tower}_width") is not None:
+            fields[f"{tower}_mlp_dim"] = MLP_RATIO * fields[f"{tower}_width"]
+    if not fields.get("activation"):
+        fields["activation"] = DEFAULT_ACTIVATION
+    if fields.get("layer_norm_eps") is None:
+        fields["layer_norm_eps"] = OPTION_DEFAULTS["layer_norm_eps"]
 
 
 def _validate(c: ml_collections.ConfigDict) -> None:
@@ -146,6 +191,12 @@ def _validate(c: ml_collections.ConfigDict) -> None:
         w, h = c[f"{tower}_width"], c[f"{tower}_heads"]
         if w % h:
             errors.append(f"{tower}_width={w} is not divisible by {tower}_heads={h}")
+        if c[f"{tower}_mlp_dim"] < 1:
+            errors.append(f"{tower}_mlp_dim={c[f'{tower}_mlp_dim']} (at least 1)")
+    if c.activation not in ACTIVATIONS:
+        errors.append(f"activation={c.activation!r} (allowed {ACTIVATIONS})")
+    if not (isinstance(c.layer_norm_eps, int | float) and 0 < c.layer_norm_eps < 1):
+        errors.append(f"layer_norm_eps={c.layer_norm_eps!r} (a float in (0, 1))")
     if c.embed_dim % c.pooler_heads:
         errors.append(f"embed_dim={c.embed_dim} is not divisible by pooler_heads={c.pooler_heads}")
     if c.vision_layers < 1:
@@ -183,9 +234,14 @@ def num_patches(c: ml_collections.ConfigDict) -> int:
 
 
 def match_variant(shapes: Mapping[str, Any]) -> str | None:
-    """Name of the variant whose tower shapes equal `shapes` (text context and vocab ignored)."""
+    """Name of the variant whose tower shapes equal `shapes` (text context and vocab ignored;
+    unset MLP widths count as 4 x the width)."""
     keys = [f for f in SHAPE_FIELDS if f not in ("context_length", "vocab_size", "pooler_heads")]
+    given = dict(shapes)
+    _fill_derived(given)
     for name, v in VARIANTS.items():
-        if all(shapes.get(k) == v[k] for k in keys):
+        row = dict(v)
+        _fill_derived(row)
+        if all(given.get(k) == row[k] for k in keys):
             return name
     return None

@@ -5,14 +5,17 @@ Blocks 1..L-1 are standard and stacked under "blocks"; block L is the separate m
 the projection run on all tokens, so one call yields both the standard CLIP image embedding (CLS)
 and projected patch tokens for the pooler and dense evaluation.
 
-Holistic CLIP's K image branches (spec/other_seeds.md c.3), only when `branches` > 1:
+Holistic CLIP's K image branches (docs/methods.md), only when `branches` > 1:
 * "cls": K-1 extra class tokens `branch_tokens/{class_embedding, class_positional_embedding}`
   [K-1, W] follow the original CLS (branch 0); CLS i never attends to CLS j (or, with
   cls_attention="bias", gets the released code's +1 logit bias instead).
-* "mlp": the last `branch_layers` blocks run K streams with a per-branch `fc2` ([K, 4W, W]):
+* "mlp": the last `branch_layers` blocks run K streams with a per-branch `fc2` ([K, M, W]):
   "blocks" then stacks L - n standard blocks, "branch_blocks" the n - 1 branched ones, and
   "last_block" is branched too. Patch tokens are the mean of the K streams.
 Every branch ends in the shared ln_post and proj; the first output is then [B, K, E].
+
+`mlp_dim`, `activation` and `layer_norm_eps` default to OpenAI's (4 x width, QuickGELU, 1e-5);
+other CLIPs (LAION's ViT-H/g/bigG) set them; see layers.ResidualBlock.
 """
 
 from typing import Any
@@ -28,6 +31,7 @@ from beta_clip_jax.methods.holistic import (
     split_branches,
 )
 from beta_clip_jax.models.layers import (
+    LN_EPS,
     LayerNorm,
     ResidualBlock,
     block_stack,
@@ -58,6 +62,9 @@ class VisionTower(nn.Module):
     branch_type: str = "cls"
     branch_layers: int = 3
     cls_attention: str = "block"
+    mlp_dim: int = 0
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = LN_EPS
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -101,17 +108,18 @@ class VisionTower(nn.Module):
             x = jnp.concatenate([x[:, :1], extra], axis=1)
             make = cls_attention_mask if self.cls_attention == "block" else cls_attention_bias
             attn = make(k_cls, x.shape[1])
-        x = LayerNorm(name="ln_pre")(x)
+        x = LayerNorm(self.layer_norm_eps, name="ln_pre")(x)
         x = constrain(x, ("batch", "length", None))
 
         k_mlp = self.branches if self.branches > 1 and self.branch_type == "mlp" else 0
         n_plain = self.layers - 1 if not k_mlp else self.layers - self.branch_layers
-        stack = dict(
-            dtype=self.dtype,
-            scan_layers=self.scan_layers,
-            remat=self.remat,
+        block = dict(
             attention=self.attention,
+            mlp_dim=self.mlp_dim,
+            activation=self.activation,
+            eps=self.layer_norm_eps,
         )
+        stack = dict(dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat, **block)
         if n_plain > 0:
             x, _ = block_stack(n_plain, d, self.heads, mode="full", **stack)(x, attn)
         if k_mlp:
@@ -137,11 +145,11 @@ class VisionTower(nn.Module):
             dtype=self.dtype,
             num_cls=k_cls,
             branches=k_mlp,
-            attention=self.attention,
             name="last_block",
+            **block,
         )(x, attn)
 
-        x = LayerNorm(name="ln_post")(x)
+        x = LayerNorm(self.layer_norm_eps, name="ln_post")(x)
         x = dense_proj(self.embed_dim, self.dtype, scale, "proj")(x).astype(jnp.float32)
         if k_mlp:
             return x[:, :, 0], x[:, :, 1:].mean(axis=1)
