@@ -94,7 +94,7 @@ def _check_config(config, device_count: int, process_count: int) -> None:
 
 def _check_names(config) -> None:
     """Names that would otherwise fail only once data loading or the loss trace starts."""
-    from beta_clip_jax.data.sources import SOURCE_NAMES, pixel_limit
+    from beta_clip_jax.data.sources import FILE_FORMATS, SOURCE_NAMES, pixel_limit
 
     pixel_limit(config.data.get("max_image_pixels"))
     choices = (
@@ -105,9 +105,11 @@ def _check_names(config) -> None:
     for field, value, allowed in choices:
         if value not in allowed:
             raise ValueError(f"{field}={value!r} is not one of {', '.join(map(str, allowed))}")
-    if config.data.name in ("jsonl", "sharegpt4v", "urban1k") and not config.data.get("path"):
+    reads_path = ("jsonl", "sharegpt4v", "urban1k", *FILE_FORMATS)
+    data = config.data
+    if data.name in reads_path and not (data.get("path") or data.get("shards")):
         raise ValueError(
-            f"data.name={config.data.name!r} reads data.path, which is not set: "
+            f"data.name={data.name!r} reads data.path, which is not set: "
             "--config.data.path=FILE (docs/data.md says what the file holds)"
         )
 
@@ -185,8 +187,6 @@ def _path_fields(cfg, prefix: str):
 
 def missing_paths(config) -> list[str]:
     """Every configured file or folder that does not exist, as 'config.field = path' lines."""
-    from etils import epath
-
     fields = list(_path_fields(config.data, "config.data"))
     if config.get("evals"):
         fields += list(_path_fields(config.evals, "config.evals"))
@@ -194,7 +194,24 @@ def missing_paths(config) -> list[str]:
         fields.append(("config.init", str(config.init).split(":", 1)[1]))
     elif config.init:
         fields.append(("config.init", str(config.init)))
-    return [f"  {name} = {path}" for name, path in fields if not epath.Path(path).exists()]
+    return [f"  {name} = {path}" for name, path in fields if not _exists(name, path)]
+
+
+def _exists(name: str, path: str) -> bool:
+    """A file or folder exists; config.data.path may also be a shard pattern naming at least
+    one file (a brace pattern, a glob, or the PREFIX of PREFIX-00000-of-0000N shards)."""
+    from etils import epath
+
+    from beta_clip_jax.data import fileio
+
+    if epath.Path(path).exists():
+        return True
+    if name != "config.data.path":
+        return False
+    try:
+        return bool(fileio.expand_shards(path, "", "data"))
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def check_paths(config) -> None:

@@ -134,3 +134,19 @@ def test_bench_runs_a_recipe_without_its_files():
     config = bench_config(recipe)
     check_config(config, device_count=1, process_count=1)
     assert (config.batch_size, config.optim.grad_accum, config.model.remat) == (512, 8, "full")
+
+
+def test_shard_patterns_count_as_existing_paths(tmp_path):
+    """data.path may be a brace pattern or a shard PREFIX: it exists when it names a file."""
+    from beta_clip_jax.config_check import missing_paths
+    from beta_clip_jax.config_defaults import base_config
+
+    for i in range(2):
+        (tmp_path / f"train-{i:05d}-of-00002.array_record").write_bytes(b"")
+    config = base_config("tiny")
+    config.data.name = "array_record"
+    for path in (f"{tmp_path}/train-{{00000..00001}}-of-00002.array_record", f"{tmp_path}/train"):
+        config.data.path = path
+        assert missing_paths(config) == []
+    config.data.path = f"{tmp_path}/other-{{00000..00001}}.tar"
+    assert missing_paths(config) == [f"  config.data.path = {config.data.path}"]

@@ -46,9 +46,17 @@ _REPLACEMENT_STREAM = 0x5EED
 def default_data_config() -> ml_collections.ConfigDict:
     """`config.data` defaults (synthetic scenes; K = 1 + 5 + 30 texts as the released runs)."""
     c = ml_collections.ConfigDict()
-    c.name = "synthetic"  # synthetic | sharegpt4v | jsonl | urban1k | tfds
-    c.path = config_dict.placeholder(str)  # json / jsonl file or Urban1K folder
+    c.name = "synthetic"  # synthetic | sharegpt4v | jsonl | urban1k | tfds | csv | webdataset
+    # | array_record | folder (data/formats.py)
+    c.path = config_dict.placeholder(str)  # the data file, folder or shard pattern
     c.image_root = config_dict.placeholder(str)  # joined with relative image paths
+    c.shards = config_dict.placeholder(tuple)  # webdataset / array_record: shard list (not path)
+    c.image_key = "filepath"  # csv: the image path column (open_clip's --csv-img-key)
+    c.caption_key = "title"  # csv: the caption column (open_clip's --csv-caption-key)
+    c.separator = config_dict.placeholder(str)  # csv: None: "\t" for .tsv / .tab, else ","
+    # Start-up indexes (CSV rows, tar members, shard sizes) are cached here, keyed by the data
+    # files' path, size and mtime: None: ~/.cache/beta_clip_jax; "": memory only (per process).
+    c.index_cache = config_dict.placeholder(str)
     c.split = "train"
     c.skip_first = config_dict.placeholder(int)  # None: 1000 (SV-1k) for sharegpt4v, else 0
     c.max_records = config_dict.placeholder(int)  # None: all

@@ -1,5 +1,6 @@
 """Random-access record sources for grain: ShareGPT4V JSON, our JSONL, Urban1K folders, TFDS,
-synthetic scenes.
+synthetic scenes; CSV/TSV, WebDataset tars, ArrayRecord shards and caption folders
+(data/formats.py).
 
 Every source is a module-level class with `__len__`/`__getitem__` that pickles small (file
 offsets, not contents), so spawned grain workers can rebuild it. A record is a dict with "id",
@@ -10,6 +11,8 @@ else as ValueError naming the field) and the pipeline counts it as a skip. Sourc
 shape of a record, not its contents: captions are checked by the pipeline, images when decoded
 (`open_image`, which also refuses images over a pixel limit before decoding them). Missing
 dataset files raise at construction, before anything compiles, saying what was expected where.
+Paths may be on any filesystem etils.epath knows (gs://...): such files are read through
+data/fileio.py.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import stat
 import numpy as np
 from PIL import Image
 
+from beta_clip_jax.data import fileio
 from beta_clip_jax.data.synthetic import SyntheticScenes
 
 SHAREGPT4V_HELD_OUT = 1000  # json[:1000] is the SV-1k evaluation set (docs/data.md)
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _UTF8_BOM = "\xef\xbb\xbf"  # as latin-1 characters
 
 
@@ -76,10 +80,27 @@ def _check_regular_file(path) -> None:
         raise CorruptImageError(f"cannot decode image {path}: not a regular file")
 
 
+def _image_input(src):
+    """What PIL opens for `src`: a local path as is (checked to be a regular file), a bucket
+    path's bytes (FileNotFoundError when missing), bytes-like data or a binary file object
+    wrapped or passed on."""
+    if isinstance(src, str | os.PathLike):
+        if fileio.is_remote(src):
+            return io.BytesIO(fileio.read_bytes(src))
+        _check_regular_file(src)
+        return src
+    if isinstance(src, bytes | bytearray | memoryview):
+        return io.BytesIO(src)
+    if hasattr(src, "read"):
+        return src
+    raise CorruptImageError(f"cannot decode image: a {type(src).__name__}, not an image")
+
+
 def open_image(
     src, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 ) -> Image.Image:
-    """Decode a path, encoded bytes or uint8 array to a fully loaded RGB PIL image.
+    """Decode a path (local or on a bucket), encoded bytes (or a binary file object such as
+    io.BytesIO) or a uint8 array to a fully loaded RGB PIL image.
 
     `draft_size`: let the JPEG decoder downscale by 1/2..1/8 while both sides stay >= it (much
     faster on large photos, no visible loss when the result is resized below it anyway).
@@ -99,9 +120,7 @@ def open_image(
         ).convert("RGB")
     name = src if isinstance(src, str | os.PathLike) else "<bytes>"
     try:
-        if isinstance(src, str | os.PathLike):
-            _check_regular_file(src)
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+        with Image.open(_image_input(src)) as img:
             _check_pixels(img.width, img.height, limit, name)  # header only so far
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
@@ -164,10 +183,10 @@ def load_image(src) -> np.ndarray:
     return np.asarray(open_image(src), dtype=np.uint8)
 
 
-def _require(path: str | None, what: str, how: str) -> str:
+def require_path(path: str | None, what: str, how: str) -> str:
     if not path:
         raise ValueError(f"no path given for {what}; {how}")
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         raise FileNotFoundError(f"{what} not found at {path!r}; {how}")
     return path
 
@@ -190,9 +209,11 @@ class _OffsetFile:
         return len(self.starts)
 
     def read(self, index: int) -> bytes:
+        start, end = int(self.starts[index]), int(self.ends[index])
+        if fileio.is_remote(self.path):
+            return fileio.read_range(self.path, start, end - start)
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        start, end = int(self.starts[index]), int(self.ends[index])
         return os.pread(self._fd, end - start, start)
 
     def __del__(self, _close=os.close):  # bound early: `os` may be gone at interpreter exit
@@ -206,8 +227,7 @@ def _json_array_offsets(path: str) -> tuple[np.ndarray, np.ndarray]:
     The file is decoded as latin-1 so character offsets equal byte offsets; JSON structure is
     ASCII, so the element boundaries are exact whatever the UTF-8 inside strings.
     """
-    with open(path, "rb") as f:
-        text = f.read().decode("latin-1")
+    text = fileio.read_bytes(path).decode("latin-1")
     # strict=False: a raw control character inside a string still ends where the string ends;
     # reading that element later (strict) makes it one counted bad record, not a failed run.
     decoder = json.JSONDecoder(strict=False)
@@ -236,7 +256,7 @@ def _json_array_offsets(path: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(starts, np.int64), np.asarray(ends, np.int64)
 
 
-def _json_object(raw: bytes) -> dict:
+def json_object(raw: bytes) -> dict:
     """One entry's JSON object. Its bytes must be UTF-8 (UnicodeDecodeError otherwise: the
     "bad_utf8" skip); ValueError for invalid JSON (raw control characters in strings included)
     or a value that is not an object."""
@@ -260,6 +280,20 @@ def _text_list(entry: dict, key: str) -> list | None:
     return value
 
 
+HIERARCHY_FIELDS = ("sentences", "phrases", "sentence_phrases")
+
+
+def hierarchy_fields(entry: dict) -> dict:
+    """The precomputed caption hierarchy an entry carries ("sentences", "phrases",
+    "sentence_phrases"; each a list when present). Absent ones are derived by the pipeline."""
+    out = {}
+    for key in HIERARCHY_FIELDS:
+        value = _text_list(entry, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
 class ShareGPT4VSource:
     """ShareGPT4V caption JSON: a list of {"image": rel path, "conversations": [..]}.
 
@@ -275,8 +309,8 @@ class ShareGPT4VSource:
     )
 
     def __init__(self, path: str, image_root: str):
-        _require(path, "ShareGPT4V json", self.how)
-        self.image_root = _require(image_root, "ShareGPT4V image root", self.how)
+        require_path(path, "ShareGPT4V json", self.how)
+        self.image_root = require_path(image_root, "ShareGPT4V image root", self.how)
         self._file = _OffsetFile(path, *_json_array_offsets(path))
         self._name = os.path.basename(path)
 
@@ -287,7 +321,7 @@ class ShareGPT4VSource:
         return f"{self._name}[{index}]"
 
     def __getitem__(self, index: int) -> dict:
-        entry = _json_object(self._file.read(index))
+        entry = json_object(self._file.read(index))
         turns = _field(entry, "conversations")
         if not (isinstance(turns, list) and len(turns) > 1 and isinstance(turns[1], dict)):
             raise ValueError("field 'conversations' must be a list of at least two turns")
@@ -311,14 +345,13 @@ class JsonlSource:
     )
 
     def __init__(self, path: str, image_root: str | None = None):
-        _require(path, "JSONL file", self.how)
+        require_path(path, "JSONL file", self.how)
         # Without a configured root the file's folder stands in, and absolute paths are the
         # file's own layout; with one, every path must stay under it.
         self.allow_absolute = not image_root
         self.image_root = jsonl_image_root(path, image_root)
-        _require(self.image_root, "image root of the JSONL file", "set data.image_root")
-        with open(path, "rb") as f:
-            buf = np.frombuffer(f.read(), np.uint8)
+        require_path(self.image_root, "image root of the JSONL file", "set data.image_root")
+        buf = np.frombuffer(fileio.read_bytes(path), np.uint8)
         newlines = np.flatnonzero(buf == ord("\n"))
         ends = np.append(newlines, len(buf)).astype(np.int64)
         starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
@@ -339,7 +372,7 @@ class JsonlSource:
         return f"{self._name}:{self.line_number(index)}"
 
     def __getitem__(self, index: int) -> dict:
-        entry = _json_object(self._file.read(index))
+        entry = json_object(self._file.read(index))
         image = _field(entry, "image")
         record = {
             "id": self.record_id(index),
@@ -348,16 +381,14 @@ class JsonlSource:
             ),
             "caption": _field(entry, "caption"),
         }
-        for key in ("sentences", "phrases", "sentence_phrases"):
-            value = _text_list(entry, key)
-            if value is not None:
-                record[key] = value
+        record.update(hierarchy_fields(entry))
         return record
 
 
 def jsonl_image_root(path: str, image_root: str | None) -> str:
-    """The folder a JSONL's relative `image` paths are joined to: image_root, else the file's."""
-    return image_root or os.path.dirname(os.path.abspath(path))
+    """The folder a data file's relative image paths are joined to: image_root, else the
+    file's own folder."""
+    return image_root or fileio.parent(path)
 
 
 class Urban1KSource:
@@ -369,13 +400,13 @@ class Urban1KSource:
     )
 
     def __init__(self, root: str):
-        _require(root, "Urban1K folder", self.how)
-        cap_dir = _require(os.path.join(root, "caption"), "Urban1K caption/ folder", self.how)
-        img_dir = _require(os.path.join(root, "image"), "Urban1K image/ folder", self.how)
+        require_path(root, "Urban1K folder", self.how)
+        cap_dir = require_path(os.path.join(root, "caption"), "Urban1K caption/ folder", self.how)
+        img_dir = require_path(os.path.join(root, "image"), "Urban1K image/ folder", self.how)
         images = {}
         for name in os.listdir(img_dir):
             stem, ext = os.path.splitext(name)
-            if ext.lower() in _IMAGE_EXTENSIONS:
+            if ext.lower() in IMAGE_EXTENSIONS:
                 images[stem] = os.path.join(img_dir, name)
         stems = [os.path.splitext(n)[0] for n in os.listdir(cap_dir) if n.endswith(".txt")]
         # Numeric order for 1..1000 (only the pairing matters, but a fixed order is reproducible).
@@ -502,12 +533,23 @@ class SyntheticSource:
         }
 
 
-SOURCE_NAMES = ("synthetic", "sharegpt4v", "jsonl", "urban1k", "tfds")
+# The file formats of data/formats.py: each reads data.path (webdataset / array_record: or
+# data.shards).
+FILE_FORMATS = ("csv", "webdataset", "array_record", "folder")
+SOURCE_NAMES = ("synthetic", "sharegpt4v", "jsonl", "urban1k", "tfds", *FILE_FORMATS)
 
 
 def make_source(data_cfg, image_size: int):
-    """The record source `data_cfg.name` names; raises before any compile if it cannot exist."""
+    """The record source `data_cfg.name` names; raises before any compile if it cannot exist.
+
+    The file formats' start-up index is built once per process (and cached on disk,
+    data/index_cache.py), so config_check's step count and the pipeline share it.
+    """
     name = data_cfg.name
+    if name in FILE_FORMATS:
+        from beta_clip_jax.data import formats  # imports this module
+
+        return formats.make_format_source(data_cfg)
     if name == "synthetic":
         syn = data_cfg.synthetic
         scenes = SyntheticScenes(

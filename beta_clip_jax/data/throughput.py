@@ -1,17 +1,23 @@
-"""Data-pipeline throughput: images/s and images per CPU-second for real JPEGs and synthetic scenes.
+"""Data-pipeline throughput: images/s and images per CPU-second for real JPEGs in each file
+format, and for synthetic scenes.
 
     python -m beta_clip_jax.data.throughput [--path=train.jsonl --image_root=DIR] \
-        [--num_workers=0] [--num_threads=2] [--batch_size=32] [--batches=20] [--image_size=224]
+        [--formats=jsonl,csv,webdataset,array_record,folder] [--num_workers=0] \
+        [--num_threads=2] [--batch_size=32] [--batches=20] [--image_size=224]
 
 Without --path it writes `--num_images` JPEGs of `--image_hw` (random smooth texture + noise, so
-file sizes are photo-like) and long multi-sentence captions to a temp dir. The real path is decode +
-RandomResizedCrop + caption hierarchy (fallback phrases unless the JSONL has them) + tokenising
-1 + 5 + 30 texts. Prints one JSON object. Per-core numbers divide by the CPU seconds of this
-process and its workers, so they do not depend on how many cores the machine has.
+file sizes are photo-like) and long multi-sentence captions to a temp dir, as a JSONL and then
+as each of `--formats` holding the same records (CSV, `--shards` WebDataset tars and ArrayRecord
+shards with the images inside, a caption folder). The real path is read + decode +
+RandomResizedCrop + caption hierarchy (fallback phrases unless the records have them) +
+tokenising 1 + 5 + 30 texts. Prints one JSON object: "real" is the JSONL, "formats" each format
+side by side. Per-core numbers divide by the CPU seconds of this process and its workers, so
+they do not depend on how many cores the machine has.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -23,6 +29,10 @@ from absl import app, flags
 from PIL import Image
 
 from beta_clip_jax.data import hierarchy, pipeline
+from beta_clip_jax.data.arrayrecord_source import ArrayRecordWriter
+from beta_clip_jax.data.webdataset_source import WebDatasetWriter
+
+FORMATS = ("jsonl", "csv", "webdataset", "array_record", "folder")
 
 
 def _define_flags() -> None:
@@ -38,6 +48,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("num_threads", 2, "Batches built concurrently per process.")
     flags.DEFINE_bool("jpeg_draft", True, "JPEG DCT-domain downscale before cropping.")
     flags.DEFINE_bool("synthetic", True, "Also time the synthetic scenes.")
+    flags.DEFINE_list("formats", list(FORMATS), "File formats to time on the generated JPEGs.")
+    flags.DEFINE_integer("shards", 4, "WebDataset / ArrayRecord shards of the generated data.")
     flags.DEFINE_bool(
         "prepared",
         False,
@@ -83,6 +95,41 @@ def write_dataset(root: str, n: int, hw: tuple[int, int], seed: int = 0, prepare
     return path
 
 
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_formats(root: str, jsonl_path: str, shards: int = 4) -> dict[str, dict]:
+    """The JSONL's records (images under `root`) also as a CSV, WebDataset and ArrayRecord
+    shards (images inside) and caption files beside the images. Returns each format's
+    data.* fields."""
+    records = _read_jsonl(jsonl_path)
+    hierarchy_keys = [k for k in ("sentences", "phrases") if k in records[0]]
+    with open(os.path.join(root, "data.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filepath", "title", *hierarchy_keys])
+        for r in records:
+            writer.writerow([r["image"], r["caption"], *(json.dumps(r[k]) for k in hierarchy_keys)])
+    outputs = {"webdataset": WebDatasetWriter, "array_record": ArrayRecordWriter}
+    for name, cls in outputs.items():
+        with cls(os.path.join(root, name, "train"), shards, len(records)) as out:
+            for r in records:
+                with open(os.path.join(root, r["image"]), "rb") as f:
+                    out.write({**r, "image": f.read(), "image_ext": "jpg"})
+    for r in records:  # caption files beside the images: the `folder` format
+        meta = {k: v for k, v in r.items() if k != "image"}
+        with open(os.path.join(root, os.path.splitext(r["image"])[0] + ".json"), "w") as f:
+            json.dump(meta, f)
+    return {
+        "jsonl": {"path": jsonl_path},
+        "csv": {"path": os.path.join(root, "data.csv")},
+        "webdataset": {"path": os.path.join(root, "webdataset")},
+        "array_record": {"path": os.path.join(root, "array_record", "train")},
+        "folder": {"path": os.path.join(root, "images")},
+    }
+
+
 def _cpu_seconds(proc: psutil.Process) -> float:
     total = 0.0
     for p in [proc, *proc.children(recursive=True)]:
@@ -118,6 +165,21 @@ def measure(cfg, batch_size: int, batches: int, image_size: int) -> dict:
     }
 
 
+def _measure_formats(base, fields_by_format: dict, timed: tuple) -> dict:
+    """`measure(cfg, *timed)` of each of --formats on the same records."""
+    unknown = set(flags.FLAGS.formats) - set(FORMATS)
+    if unknown:
+        raise app.UsageError(f"--formats: unknown {sorted(unknown)}; known: {FORMATS}")
+    results = {}
+    for name in flags.FLAGS.formats:
+        cfg = base.copy_and_resolve_references()
+        cfg.name = name
+        for key, value in fields_by_format[name].items():
+            cfg[key] = value
+        results[name] = measure(cfg, *timed)
+    return results
+
+
 def main(argv):
     del argv
     cfg = pipeline.default_data_config()
@@ -135,27 +197,26 @@ def main(argv):
         "image_size": flags.FLAGS.image_size,
         "texts_per_image": 1 + cfg.max_sentences + cfg.max_phrases,
     }
+    timed = (flags.FLAGS.batch_size, flags.FLAGS.batches, flags.FLAGS.image_size)
     with tempfile.TemporaryDirectory() as tmp:
         real = cfg.copy_and_resolve_references()
-        real.name = "jsonl"
+        real.name, real.index_cache = "jsonl", ""
         if flags.FLAGS.path:
             real.path, real.image_root = flags.FLAGS.path, flags.FLAGS.image_root
             out["real_source"] = flags.FLAGS.path
+            out["real"] = measure(real, *timed)
         else:
             hw = tuple(int(x) for x in flags.FLAGS.image_hw)
-            real.path = write_dataset(
-                tmp, flags.FLAGS.num_images, hw, prepared=flags.FLAGS.prepared
-            )
+            path = write_dataset(tmp, flags.FLAGS.num_images, hw, prepared=flags.FLAGS.prepared)
             out["real_source"] = f"{flags.FLAGS.num_images} generated {hw[0]}x{hw[1]} JPEGs" + (
                 ", precomputed sentences + phrases" if flags.FLAGS.prepared else ""
             )
-        out["real"] = measure(
-            real, flags.FLAGS.batch_size, flags.FLAGS.batches, flags.FLAGS.image_size
-        )
+            fields = write_formats(tmp, path, flags.FLAGS.shards)
+            out["formats"] = _measure_formats(real, fields, timed)
+            if "jsonl" in out["formats"]:
+                out["real"] = out["formats"]["jsonl"]
     if flags.FLAGS.synthetic:
-        out["synthetic"] = measure(
-            cfg, flags.FLAGS.batch_size, flags.FLAGS.batches, flags.FLAGS.image_size
-        )
+        out["synthetic"] = measure(cfg, *timed)
     print(json.dumps(out, indent=1))
 
 
