@@ -225,8 +225,9 @@ def test_failed_save_call_names_the_path(tmp_path, monkeypatch):
 
 # --- SIGKILL during async saves, in a subprocess ---------------------------------------------
 
-# The issue asked for ten kills; three bound the test time (each restart reloads JAX).
-KILLS = 3
+# Three kills in CI bound the test time (each restart reloads JAX);
+# BETA_CLIP_FAULT_KILLS=10 runs the ten of the reliability issue (docs/CONTRACTS.md).
+KILLS = int(os.environ.get("BETA_CLIP_FAULT_KILLS", "3"))
 
 
 def _command(workdir):
