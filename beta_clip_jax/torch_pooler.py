@@ -15,22 +15,65 @@ Usage:
     dense = pooler.dense_features(pixel_values)            # [B, h, w, E]
     pooled = pooler.pooled_embeddings(pixel_values, ids)   # [B, E] (ids [B, L]) or [B, K, E]
 
-This module imports torch itself; nothing on the JAX side imports it.
+This file stands alone: it imports torch, numpy, safetensors and transformers only, never JAX or
+the rest of beta_clip_jax, so every export carries a copy of it as `beta_clip_pooler.py` and runs
+where only PyTorch is installed. The pooler file keeps our Flax names and layout
+("pooler/query/kernel" [E, H, Dh], ...); `pooler_state_dict` maps them to this module's
+state_dict with the transforms of POOLER_TABLE in beta_clip_jax/convert/names.py (a test holds
+the two equal, since this file cannot import that table).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from beta_clip_jax.convert import POOLER_FILE
-from beta_clip_jax.convert.names import pooler_to_torch
-
+POOLER_FILE = "beta_clip_pooler.safetensors"  # beta_clip_jax.convert.POOLER_FILE
 LN_EPS = 1e-5
+_QKV = ("query", "key", "value")  # fused, in this order, into nn.MultiheadAttention's in_proj
+# Flax names (after "pooler/") copied as they are, and torch Linear kernels stored transposed.
+_COPIED = {
+    "out/bias": "attn.out_proj.bias",
+    "ln/scale": "ln.weight",
+    "ln/bias": "ln.bias",
+    "fc1/bias": "fc1.bias",
+    "fc2/bias": "fc2.bias",
+    "logit_scale": "logit_scale",
+}
+_TRANSPOSED = {"fc1/kernel": "fc1.weight", "fc2/kernel": "fc2.weight"}
+_FLAX_NAMES = frozenset(
+    [f"{n}/{p}" for n in _QKV for p in ("kernel", "bias")] + ["out/kernel", *_COPIED, *_TRANSPOSED]
+)
+
+
+def pooler_state_dict(flat: Mapping, path: str = POOLER_FILE) -> dict[str, np.ndarray]:
+    """Pooler file tensors ("pooler/query/kernel", ..., Flax layout) -> BetaCLIPPooler
+    state_dict (float32 numpy); a missing or unknown tensor is an error naming `path`."""
+    t = {k.removeprefix("pooler/"): np.asarray(v, np.float32) for k, v in flat.items()}
+    missing, unknown = sorted(_FLAX_NAMES - set(t)), sorted(set(t) - _FLAX_NAMES)
+    if missing or unknown:
+        raise ValueError(
+            f"{path} is not a beta-CLIP pooler file: missing tensors {missing}, "
+            f"unknown tensors {unknown} (names are 'pooler/' + {sorted(_FLAX_NAMES)})"
+        )
+    embed = t["query/kernel"].shape[0]
+    # q/k/v DenseGeneral [E, H, Dh] -> Linear [H*Dh, E]; out [H, Dh, E] -> Linear [E, H*Dh].
+    state = {
+        "attn.in_proj_weight": np.concatenate(
+            [t[f"{n}/kernel"].reshape(embed, -1).T for n in _QKV]
+        ),
+        "attn.in_proj_bias": np.concatenate([t[f"{n}/bias"].reshape(-1) for n in _QKV]),
+        "attn.out_proj.weight": t["out/kernel"].reshape(-1, t["out/kernel"].shape[-1]).T,
+    }
+    state.update((theirs, t[ours]) for ours, theirs in _COPIED.items())
+    state.update((theirs, t[ours].T) for ours, theirs in _TRANSPOSED.items())
+    return {k: np.ascontiguousarray(v) if v.ndim else v for k, v in state.items()}
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +108,7 @@ class BetaCLIPPooler(nn.Module):
         from safetensors.numpy import load_file
 
         flat = load_file(path)
-        state = {k: torch.from_numpy(v) for k, v in pooler_to_torch(flat).items()}
+        state = {k: torch.from_numpy(v) for k, v in pooler_state_dict(flat, path).items()}
         embed_dim = state["attn.out_proj.weight"].shape[0]
         mlp = state["fc1.weight"].shape[0] // embed_dim
         heads = flat["pooler/query/kernel"].shape[1]  # Flax layout [E, H, Dh]

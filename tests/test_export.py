@@ -50,21 +50,24 @@ def _assert_same_params(a, b):
         np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A workdir in the trainer's format (config.json + Orbax checkpoint at STEP) holding random
-    parameters: cheaper than training, and no leaf keeps its initial value."""
-    config = tiny_config()
+def make_workdir(wd: str, config, step: int = STEP):
+    """A workdir in the trainer's format (config.json + Orbax checkpoint at `step`) holding
+    random parameters: cheaper than training, and no leaf keeps its initial value.
+    Returns (workdir, params, model config, the saved config dict)."""
     cfg = resolve_model_config(config.model)
     params = random_params(build_model(cfg), seed=7)
-    wd = str(tmp_path_factory.mktemp("export_wd"))
     saved = config.to_dict()
     saved["model"] = cfg.to_dict()
     checkpoint.write_json(os.path.join(wd, "config.json"), saved)
     ckpt = checkpoint.Checkpointer(wd, every=1, keep=1, async_save=False)
-    ckpt.save(STEP, params, {"count": np.zeros((), np.int32)}, None, {}, force=True)
+    ckpt.save(step, params, {"count": np.zeros((), np.int32)}, None, {}, force=True)
     ckpt.close()
     return wd, params, cfg, saved
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return make_workdir(str(tmp_path_factory.mktemp("export_wd")), tiny_config())
 
 
 @pytest.fixture(scope="module")

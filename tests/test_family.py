@@ -11,14 +11,12 @@ import copy
 import json
 import os
 import shutil
-import sys
-import types
-from unittest import mock
 
 import jax
 import numpy as np
 import pytest
 import torch
+from helpers_openclip import import_open_clip
 from helpers_tiny import (
     TINY,
     fast_jit,
@@ -187,57 +185,10 @@ def test_vision_and_text_tower_directories(gelu_hf, gelu_encoder, tmp_path):
         import_pretrained("hf:" + str(tmp_path / "pair" / "text"))
 
 
-def _torchvision_stand_ins() -> dict[str, types.ModuleType]:
-    """Inert modules for the torchvision names open_clip imports at module level (its image
-    transforms, FrozenBatchNorm2d); these tests call none of them."""
-    names = ["torchvision", "torchvision.transforms", "torchvision.transforms.functional",
-             "torchvision.ops", "torchvision.ops.misc"]  # fmt: skip
-    mods = {}
-    for name in names:
-        mods[name] = types.ModuleType(name)
-        mods[name].__getattr__ = lambda attr, name=name: mock.MagicMock(name=f"{name}.{attr}")
-    for name in names[1:]:
-        parent, _, leaf = name.rpartition(".")
-        setattr(mods[parent], leaf, mods[name])
-    return mods
-
-
-def _import_open_clip():
-    """open_clip itself. PyPI's torchvision does not load beside the CPU torch build this project
-    pins ("operator torchvision::nms does not exist"), so where it cannot be imported, open_clip
-    is imported over stand-ins for it, and without timm (optional to open_clip, and it needs
-    torchvision too); sys.modules is then restored, so no other test sees them."""
-    import importlib.util
-
-    if importlib.util.find_spec("open_clip") is None:
-        pytest.skip("open_clip_torch is not installed")
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        pass
-    else:
-        import open_clip
-
-        return open_clip
-    stand_ins = _torchvision_stand_ins()
-    saved = {name: sys.modules.get(name) for name in [*stand_ins, "timm"]}
-    sys.modules.update(stand_ins)
-    sys.modules["timm"] = None  # `import timm` raises ImportError: open_clip goes without
-    try:
-        import open_clip
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-    return open_clip
-
-
 @pytest.fixture(scope="module")
 def openclip_dir(tmp_path_factory):
     """(open_clip model, its directory): open_clip_config.json + open_clip_pytorch_model.bin."""
-    open_clip = _import_open_clip()
+    open_clip = import_open_clip()
     path = tmp_path_factory.mktemp("openclip")
     (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": OPENCLIP_CFG}))
     # local-dir: reads the config file itself; without weights there, it initialises randomly.
