@@ -446,3 +446,52 @@ def test_a_cut_shard_keeps_the_samples_before_the_cut(layouts, tmp_path, caplog)
     assert [cut[k]["image"] for k in range(3)] == [full[first + k]["image"] for k in range(3)]
     with pytest.raises(ValueError, match="changed since it was indexed"):
         cut[3]
+
+
+# The training runs read the RUN_RECORDS records from the broken one's (or the last
+# RUN_RECORDS): three steps of 8 are one epoch of them, so the broken record is always read.
+RUN_RECORDS = 24
+BROKEN_INDEX = {"array_record": N - 1}  # the not-msgpack shard comes last; the others: BAD
+
+
+def _train_config(fmt, fields, cache, stop_at_step):
+    overrides = {f"data.{k}": v for k, v in fields.items()}
+    overrides.update({
+        "data.name": fmt, "data.index_cache": str(cache), "data.max_records": RUN_RECORDS,
+        "data.skip_first": min(BROKEN_INDEX.get(fmt, BAD), N - RUN_RECORDS),
+        "data.max_skip_fraction": 0.05,  # 1 of 24: above the default's 1%, which would stop
+    })  # fmt: skip
+    return tiny_config(stop_at_step=stop_at_step, **overrides)  # num_steps 6: the shared compile
+
+
+def _steps(workdir):
+    from beta_clip_jax.metrics_writer import read_metrics
+
+    return {r["step"]: r for r in read_metrics(str(workdir)) if "train/loss" in r}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_run_from_a_bucket_stopped_at_step_2_resumes_as_the_local_uninterrupted_run(
+    layouts, tmp_path, bucket, fmt
+):
+    """3 steps on the local files, uninterrupted; the same 3 from the files in a fake bucket,
+    stopped after step 2 and resumed: the same losses (the same batches: the data state is
+    restored exactly) and the broken record counted once by its reason, in both runs."""
+    from beta_clip_jax.train import train_and_evaluate
+
+    root, local = layouts["root"], layouts[fmt][0]
+    train_and_evaluate(_train_config(fmt, local, tmp_path / "local", 3), str(tmp_path / "full"))
+    for rel in UPLOADS.get(fmt, [fmt]):
+        _upload(root, rel)
+    remote, workdir = _in_bucket(root, local), str(tmp_path / "resumed")
+    cache = "s3://bucket/cache" if fmt == "webdataset" else tmp_path / "remote"
+    train_and_evaluate(_train_config(fmt, remote, cache, 2), workdir)
+    assert sorted(_steps(workdir)) == [1, 2]
+    train_and_evaluate(_train_config(fmt, remote, cache, 3), workdir)  # restores step 2
+    got, want = _steps(workdir), _steps(tmp_path / "full")
+    assert sorted(got) == sorted(want) == [1, 2, 3]
+    for step in (1, 2, 3):
+        np.testing.assert_allclose(got[step]["train/loss"], want[step]["train/loss"], atol=1e-6)
+    for run in (got, want):  # counted once, by its reason, and carried over the restart
+        skips = {k: v for k, v in run[3].items() if k.startswith("data/skipped_") and v}
+        assert skips == {f"data/skipped_{REASON[fmt]}": 1}

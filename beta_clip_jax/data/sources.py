@@ -308,10 +308,18 @@ class ShareGPT4VSource:
         "(containing coco/, llava/, sam/ ...)"
     )
 
-    def __init__(self, path: str, image_root: str):
+    def __init__(self, path: str, image_root: str, index_cache_dir: str | None = None):
         require_path(path, "ShareGPT4V json", self.how)
         self.image_root = require_path(image_root, "ShareGPT4V image root", self.how)
-        self._file = _OffsetFile(path, *_json_array_offsets(path))
+        # The 1.2M-entry file is parsed once per run (the epoch count and the pipeline share
+        # it) and, with a cache folder, not again on a restart (data/index_cache.py).
+        from beta_clip_jax.data import index_cache
+
+        def build():
+            return dict(zip(("starts", "ends"), _json_array_offsets(path), strict=True))
+
+        index = index_cache.cached_index("sharegpt4v", [path], {}, build, index_cache_dir)
+        self._file = _OffsetFile(path, index["starts"], index["ends"])
         self._name = os.path.basename(path)
 
     def __len__(self) -> int:
@@ -335,6 +343,17 @@ class ShareGPT4VSource:
         }
 
 
+def _jsonl_line_index(path: str) -> dict[str, np.ndarray]:
+    """Byte range and 1-based line number of every non-empty line."""
+    buf = np.frombuffer(fileio.read_bytes(path), np.uint8)
+    newlines = np.flatnonzero(buf == ord("\n"))
+    ends = np.append(newlines, len(buf)).astype(np.int64)
+    starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
+    keep = ends > starts  # skip empty lines (including after the final newline)
+    lines = (np.flatnonzero(keep) + 1).astype(np.int32)
+    return {"starts": starts[keep], "ends": ends[keep], "lines": lines}
+
+
 class JsonlSource:
     """Our JSONL (data/prepare.py): one {"image", "caption", "sentences"?, "phrases"?,
     "sentence_phrases"?} a line (docs/data.md)."""
@@ -344,22 +363,24 @@ class JsonlSource:
         "--image_root=... --out=FILE.jsonl` and set data.path to it"
     )
 
-    def __init__(self, path: str, image_root: str | None = None):
+    def __init__(
+        self, path: str, image_root: str | None = None, index_cache_dir: str | None = None
+    ):
         require_path(path, "JSONL file", self.how)
         # Without a configured root the file's folder stands in, and absolute paths are the
         # file's own layout; with one, every path must stay under it.
         self.allow_absolute = not image_root
         self.image_root = jsonl_image_root(path, image_root)
         require_path(self.image_root, "image root of the JSONL file", "set data.image_root")
-        buf = np.frombuffer(fileio.read_bytes(path), np.uint8)
-        newlines = np.flatnonzero(buf == ord("\n"))
-        ends = np.append(newlines, len(buf)).astype(np.int64)
-        starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
-        keep = ends > starts  # skip empty lines (including after the final newline)
-        self._file = _OffsetFile(path, starts[keep], ends[keep])
+        from beta_clip_jax.data import index_cache
+
+        index = index_cache.cached_index(
+            "jsonl", [path], {}, lambda: _jsonl_line_index(path), index_cache_dir
+        )
+        self._file = _OffsetFile(path, index["starts"], index["ends"])
         # The file's own 1-based line numbers, so a reported record can be found in an editor
         # even when blank lines sit between records.
-        self._lines = (np.flatnonzero(keep) + 1).astype(np.int32)
+        self._lines = index["lines"]
         self._name = os.path.basename(path)
 
     def __len__(self) -> int:
@@ -562,9 +583,9 @@ def make_source(data_cfg, image_size: int):
         )
         return SyntheticSource(scenes)
     if name == "sharegpt4v":
-        return ShareGPT4VSource(data_cfg.path, data_cfg.image_root)
+        return ShareGPT4VSource(data_cfg.path, data_cfg.image_root, data_cfg.get("index_cache"))
     if name == "jsonl":
-        return JsonlSource(data_cfg.path, data_cfg.image_root)
+        return JsonlSource(data_cfg.path, data_cfg.image_root, data_cfg.get("index_cache"))
     if name == "urban1k":
         return Urban1KSource(data_cfg.path)
     if name == "tfds":
