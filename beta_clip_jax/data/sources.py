@@ -303,8 +303,10 @@ class ShareGPT4VSource:
     """
 
     how = (
-        "download share-captioner_coco_lcs_sam_1246k_1107.json from the Hugging Face dataset "
-        "Lin-Chen/ShareGPT4V and set data.path to it and data.image_root to the image folder "
+        "the released recipe trains on share-captioner_coco_lcs_sam_1246k_1107_filtered.json, "
+        "the β-CLIP authors' filtered file (their repository's DATA.md links it); the unfiltered "
+        "share-captioner_coco_lcs_sam_1246k_1107.json is in the Hugging Face dataset "
+        "Lin-Chen/ShareGPT4V. Set data.path to it and data.image_root to the image folder "
         "(containing coco/, llava/, sam/ ...)"
     )
 

@@ -157,7 +157,11 @@ def read_sharegpt4v_1k(
     caption_mode: "beta_clip" (newlines -> spaces + caption dedup), "longclip" (newlines ->
     spaces) or "raw".
     """
-    hint = "Expected share-captioner_coco_lcs_sam_1246k_1107.json (HF Lin-Chen/ShareGPT4V)."
+    hint = (
+        "Expected share-captioner_coco_lcs_sam_1246k_1107_filtered.json (the β-CLIP authors' "
+        "filtered file, whose first 1000 entries the released numbers use) or "
+        "share-captioner_coco_lcs_sam_1246k_1107.json (HF Lin-Chen/ShareGPT4V)."
+    )
     _require(json_path, "ShareGPT4V annotation json", hint)
     _require(image_root, "ShareGPT4V image root (holding sam/images/...)")
     with open(json_path, encoding="utf-8") as f:
