@@ -495,3 +495,48 @@ def test_a_run_from_a_bucket_stopped_at_step_2_resumes_as_the_local_uninterrupte
     for run in (got, want):  # counted once, by its reason, and carried over the restart
         skips = {k: v for k, v in run[3].items() if k.startswith("data/skipped_") and v}
         assert skips == {f"data/skipped_{REASON[fmt]}": 1}
+
+
+def test_other_processes_read_process_0s_index_from_a_shared_cache(bucket, monkeypatch, tmp_path):
+    """A bucket cache folder: process 0 builds and writes the index, process 1 reads it
+    (waiting for it if process 0 is late) and builds it only after BETA_CLIP_INDEX_WAIT."""
+    import threading
+
+    import jax
+
+    from beta_clip_jax.data import index_cache
+
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"0123456789")
+    root, built = "s3://bucket/cache", []
+
+    def build():
+        built.append(jax.process_index())
+        return {"offsets": np.arange(5)}
+
+    def never():
+        raise AssertionError("process 1 built the index itself")
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    index_cache.clear_memory()
+    index_cache.cached_index("demo", [data], {}, build, root)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    index_cache.clear_memory()
+    got = index_cache.cached_index("demo", [data], {}, never, root)
+    assert built == [0] and got["offsets"].tolist() == [0, 1, 2, 3, 4]
+
+    # Process 0 late: process 1 waits for its file.
+    late = index_cache.cache_root(root) + "/late.npz"
+    writer = threading.Timer(0.3, index_cache._save, (late, {"offsets": np.arange(2)}))
+    writer.start()
+    assert index_cache._wait_for(late, timeout=30, poll=0.05)["offsets"].tolist() == [0, 1]
+    writer.join()
+    # Never written: after the wait, process 1 builds it (and a local folder waits for nothing).
+    monkeypatch.setenv("BETA_CLIP_INDEX_WAIT", "0.2")
+    index_cache.clear_memory()
+    index_cache.cached_index("other", [data], {}, build, root)
+    index_cache.clear_memory()
+    index_cache.cached_index("other", [data], {}, build, str(tmp_path / "local_cache"))
+    assert built == [0, 1, 1]
+    index_cache.clear_memory()

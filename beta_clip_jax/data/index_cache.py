@@ -9,6 +9,12 @@ $XDG_CACHE_HOME/beta_clip_jax, else ~/.cache/beta_clip_jax), so later runs start
 reading the data again. The folder may be on a bucket that every host of a pod shares. A
 changed data file changes the key, so a stale index is never used; an unreadable cache file
 is rebuilt.
+
+On a pod whose cache folder is a bucket (a path with a scheme, `gs://...`, which every host
+sees), process 0 builds each index and writes it, and the other processes wait for that file
+(polling, no collective, so a process that asks for an index alone cannot hang the others) and
+read it; if it does not appear within BETA_CLIP_INDEX_WAIT seconds (default 600) they build it
+themselves. With a local cache folder every process builds its own.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -58,6 +65,8 @@ def cached_index(kind: str, files, params: dict, build, index_cache: str | None)
     root = cache_root(index_cache)
     path = None if root is None else os.path.join(root, "index", f"{kind}-{key}.npz")
     index = _load(path) if path else None
+    if index is None and path and _reads_process_0s(root):
+        index = _wait_for(path, float(os.environ.get("BETA_CLIP_INDEX_WAIT", "600")))
     if index is None:
         index = build()
         if path:
@@ -67,6 +76,26 @@ def cached_index(kind: str, files, params: dict, build, index_cache: str | None)
         while len(_MEMO) > _MEMO_SIZE:
             _MEMO.popitem(last=False)
     return index
+
+
+def _reads_process_0s(root: str) -> bool:
+    """True on processes other than 0 of a multi-process run whose cache folder is shared."""
+    if "://" not in root:
+        return False
+    import jax  # the data workers never get here: sources reach them with their index built
+
+    return jax.process_count() > 1 and jax.process_index() != 0
+
+
+def _wait_for(path: str, timeout: float, poll: float = 1.0) -> dict | None:
+    """The index process 0 writes at `path`, or None after `timeout` seconds."""
+    _log.info("waiting up to %.0f s for process 0's index %s", timeout, path)
+    deadline = time.monotonic() + timeout
+    while True:
+        index = _load(path)
+        if index is not None or time.monotonic() >= deadline:
+            return index
+        time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
 
 
 def _load(path: str) -> dict | None:
