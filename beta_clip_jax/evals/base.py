@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from beta_clip_jax.evals.gather import sharded_map
 
@@ -135,7 +136,7 @@ def decode_image(src: Any, draft_size: int | None = None) -> tuple[Any, tuple[in
     from beta_clip_jax.data.sources import open_image
 
     image = open_image(src, draft_size=draft_size)
-    with Image.open(src) as header:  # reads the header only: the size before the draft
+    with epath.Path(src).open("rb") as f, Image.open(f) as header:  # the size before the draft
         return image, (int(header.height), int(header.width))
 
 

@@ -134,18 +134,20 @@ class IntraModalEvaluator(Evaluator):
 
 def _class_folder(root: str, limit: int | None, classes: list[str] | None = None):
     """(image paths, int labels, class folder names) of root/<class>/*; labels by folder name."""
-    if not os.path.isdir(root):
+    if not readers.is_dir(root):
         raise FileNotFoundError(
             f"intra-modal image folder: expected {root!r} (one folder per class)"
         )
-    names = classes or sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    names = classes or sorted(
+        d for d in readers.list_dir(root) if readers.is_dir(os.path.join(root, d))
+    )
     index = {n: i for i, n in enumerate(names)}
     paths, labels = [], []
     for name in names:
         folder = os.path.join(root, name)
-        if not os.path.isdir(folder):
+        if not readers.is_dir(folder):
             continue
-        for f in sorted(os.listdir(folder)):
+        for f in sorted(readers.list_dir(folder)):
             if f.lower().endswith(readers.IMAGE_EXTENSIONS):
                 paths.append(os.path.join(folder, f))
                 labels.append(index[name])

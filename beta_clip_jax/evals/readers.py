@@ -14,6 +14,7 @@ import re
 import string
 
 import numpy as np
+from etils import epath
 
 from beta_clip_jax.evals import imagenet_classes
 
@@ -96,18 +97,42 @@ class ClassificationSet:
     templates_from: str = ""  # a file path or a TEMPLATE_SETS name
 
 
+# Every file access goes through etils epath, so datasets may sit on a bucket (gs://, s3://).
+def _exists(path: str) -> bool:
+    return epath.Path(path).exists()
+
+
+def is_dir(path: str) -> bool:
+    return epath.Path(path).is_dir()
+
+
+def _isfile(path: str) -> bool:
+    return epath.Path(path).is_file()
+
+
+def list_dir(path: str) -> list[str]:
+    return [p.name for p in epath.Path(path).iterdir()]
+
+
+def _open_text(path: str):
+    return epath.Path(path).open("r", encoding="utf-8")
+
+
 def _require(path: str, what: str, hint: str = "") -> str:
-    if not path or not os.path.exists(path):
+    if not path or not _exists(path):
         raise FileNotFoundError(
             f"{what}: expected at {path!r}, which does not exist. {hint}".strip()
         )
     return path
 
 
-def _find_image(folder: str, stem: str) -> str | None:
+def _find_image(folder: str, stem: str, names: set[str] | None = None) -> str | None:
+    """folder/stem.<image extension>; `names` (the folder's listing, read once by the caller)
+    saves a lookup per extension, which on a bucket is a request each."""
+    names = set(list_dir(folder)) if names is None else names
     for ext in IMAGE_EXTENSIONS:
         for cand in (stem + ext, stem + ext.upper()):
-            if os.path.exists(os.path.join(folder, cand)):
+            if cand in names:
                 return os.path.join(folder, cand)
     return None
 
@@ -123,14 +148,15 @@ def read_urban1k(root: str) -> RetrievalSet:
     image_dir = _require(os.path.join(root, "image"), "Urban1k image folder", hint)
     caption_dir = _require(os.path.join(root, "caption"), "Urban1k caption folder", hint)
     images, captions = [], []
-    for name in sorted(os.listdir(caption_dir)):
+    image_names = set(list_dir(image_dir))
+    for name in sorted(list_dir(caption_dir)):
         if not name.endswith(".txt"):
             continue
         stem = name[: -len(".txt")]
-        image = _find_image(image_dir, stem)
+        image = _find_image(image_dir, stem, image_names)
         if image is None:
             raise FileNotFoundError(f"Urban1k: no image for caption {name} in {image_dir}")
-        with open(os.path.join(caption_dir, name), encoding="utf-8") as f:
+        with _open_text(os.path.join(caption_dir, name)) as f:
             lines = f.read().splitlines()
         captions.append(lines[0].strip() if lines else "")
         images.append(image)
@@ -164,7 +190,7 @@ def read_sharegpt4v_1k(
     )
     _require(json_path, "ShareGPT4V annotation json", hint)
     _require(image_root, "ShareGPT4V image root (holding sam/images/...)")
-    with open(json_path, encoding="utf-8") as f:
+    with _open_text(json_path) as f:
         entries = json.load(f)[:num]
     clean = {
         "beta_clip": _sharegpt4v_clean,
@@ -199,10 +225,10 @@ def read_dci(
     image_root = image_root or os.path.join(root, "photos")
     _require(image_root, "DCI photo folder (SA-1B shard sa_000138)")
     images, captions = [], []
-    for name in sorted(os.listdir(ann_dir)):
+    for name in sorted(list_dir(ann_dir)):
         if not name.endswith(".json"):
             continue
-        with open(os.path.join(ann_dir, name), encoding="utf-8") as f:
+        with _open_text(os.path.join(ann_dir, name)) as f:
             annotation = json.load(f)
         images.append(os.path.join(image_root, annotation["image"]))
         captions.append(_dci_caption(annotation, caption_mode))
@@ -239,7 +265,7 @@ def read_karpathy(
     """
     _require(json_path, "Karpathy split json", KARPATHY_HINT)
     _require(image_root, "image root for the Karpathy split")
-    with open(json_path, encoding="utf-8") as f:
+    with _open_text(json_path) as f:
         entries = [e for e in json.load(f)["images"] if e.get("split") == split]
     if not entries:
         raise ValueError(f"{json_path}: no images with split == {split!r}")
@@ -291,7 +317,7 @@ def read_coco_captions(
         f"COCO image folder ({subdir}/ of the image root)",
         COCO_HINT,
     )
-    with open(annotation_json, encoding="utf-8") as f:
+    with _open_text(annotation_json) as f:
         data = json.load(f)
     files = {img["id"]: img["file_name"] for img in data["images"]}
     if not files:
@@ -316,7 +342,7 @@ def _read_flickr_token(token_path: str) -> dict[str, list[str]]:
     """results_20130124.token: image name -> its captions, both in file order."""
     _require(token_path, "Flickr30k caption file (results_20130124.token)", FLICKR_TOKEN_HINT)
     groups: dict[str, list[str]] = {}
-    with open(token_path, encoding="utf-8") as f:
+    with _open_text(token_path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -338,7 +364,7 @@ def read_image_list(path: str, split: str = "test") -> list[str]:
     filenames of a Karpathy split json's `split` entries, in file order."""
     _require(path, "image list (the Karpathy test images)", KARPATHY_HINT)
     if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
+        with _open_text(path) as f:
             names = [e["filename"] for e in json.load(f)["images"] if e.get("split") == split]
     else:
         names = [n if os.path.splitext(n)[1] else n + ".jpg" for n in _read_lines(path)]
@@ -394,7 +420,7 @@ def read_fgovd(
     _require(path, f"FG-OVD {difficulty} file", "FG-CLIP ships these under data/fgovd/.")
     _require(image_root, "COCO 2017 image root for FG-OVD (holding val2017/ and train2017/)")
     items = []
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for line in f:
             if not line.strip():
                 continue
@@ -408,7 +434,7 @@ def read_fgovd(
 
 
 def _read_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         return [line.strip() for line in f if line.strip()]
 
 
@@ -440,7 +466,7 @@ def resolve_templates(templates) -> list[str]:
         return check_templates([str(t) for t in templates], "templates")
     if templates in TEMPLATE_SETS:
         return list(TEMPLATE_SETS[templates])
-    if os.path.isfile(templates):
+    if _isfile(templates):
         return check_templates(_read_lines(templates), templates)
     if os.sep in templates or templates.endswith(".txt"):
         _require(templates, "templates file", f"({TEMPLATES_FILE_HINT})")
@@ -459,7 +485,7 @@ def _folder_classnames(
     if classnames_file:
         _require(classnames_file, "zero-shot classnames_file", f"({CLASSNAMES_FILE_HINT})")
     path = classnames_file or os.path.join(root, "classnames.txt")
-    if os.path.exists(path):
+    if _exists(path):
         names = _read_lines(path)
         if len(names) != len(dirs):
             raise ValueError(
@@ -497,7 +523,7 @@ def _folder_templates(
     choice = templates or templates_file
     if not choice:
         beside = os.path.join(root, "templates.txt")
-        choice = beside if os.path.exists(beside) else ("openai80" if imagenet else "openai7")
+        choice = beside if _exists(beside) else ("openai80" if imagenet else "openai7")
     return resolve_templates(choice), choice
 
 
@@ -518,7 +544,7 @@ def read_image_folder(
     ImageNet table and "openai7" (DEFAULT_TEMPLATES) otherwise.
     """
     _require(root, "zero-shot image folder (one subfolder per class)")
-    dirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    dirs = sorted(d for d in list_dir(root) if is_dir(os.path.join(root, d)))
     if not dirs:
         raise FileNotFoundError(
             f"zero-shot: no class subfolders in {root} (expected root/<class>/*.jpg; an ImageNet "
@@ -530,7 +556,7 @@ def read_image_folder(
     )
     paths, labels = [], []
     for label, d in enumerate(dirs):
-        for name in sorted(os.listdir(os.path.join(root, d))):
+        for name in sorted(list_dir(os.path.join(root, d))):
             if name.lower().endswith(IMAGE_EXTENSIONS):
                 paths.append(os.path.join(root, d, name))
                 labels.append(label)

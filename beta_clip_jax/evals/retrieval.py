@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from beta_clip_jax.data import hierarchy, sources
 from beta_clip_jax.evals import readers
@@ -156,7 +157,7 @@ def _jsonl_pair(source, index: int, caption_mode: str, check_images: bool):
         problem = sources.image_problem(path)
         if problem:
             return None, None, ": ".join(problem)
-    elif not os.path.exists(path):
+    elif not epath.Path(path).exists():
         return None, None, f"missing_image: no file {path}"
     if caption_mode == "joined":
         return path, texts.caption, None
@@ -221,7 +222,7 @@ def _flickr_image_root(name: str, cfg: Any) -> str:
         return cfg_get(cfg, "image_root")
     root = cfg_require(cfg, "root", name)
     folder = os.path.join(root, "flickr30k-images")
-    return folder if os.path.isdir(folder) else root
+    return folder if readers.is_dir(folder) else root
 
 
 def _read_flickr30k(name: str, cfg: Any) -> readers.RetrievalSet:
@@ -258,7 +259,7 @@ def _read_flickr30k(name: str, cfg: Any) -> readers.RetrievalSet:
             image_list=readers.read_image_list(test_list, split=split),
         )
     json_path = json_path or _path(cfg, "json_path", name, "dataset_flickr30k.json")
-    if not os.path.exists(json_path):
+    if not epath.Path(json_path).exists():
         raise FileNotFoundError(
             f"Flickr30k karpathy_1k: expected the Karpathy split json at {json_path!r}, which does "
             f"not exist. {readers.KARPATHY_HINT} Or set token_path + test_list to read "
