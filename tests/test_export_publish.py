@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_tiny import fast_jit, random_params
-from test_export import STEP, make_workdir
+from test_export import STEP, _flat, make_workdir
 from train_helpers import tiny_config
 
 from beta_clip_jax import api, model_card, torch_pooler
@@ -256,14 +256,6 @@ def test_open_clip_weights_read_back_through_the_openai_importer(published, trai
     assert text["context_length"] == 248 and config["model_cfg"]["quick_gelu"] is True
     assert vision["width"] // vision["head_width"] == cfg.vision_heads
     assert config["preprocess_cfg"]["size"] == cfg.image_size
-
-
-def _flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        name = f"{prefix}/{k}" if prefix else k
-        out.update(_flat(v, name) if isinstance(v, dict) else {name: np.asarray(v)})
-    return out
 
 
 # open_clip imported as tests/helpers_openclip.py does (over torchvision stand-ins where

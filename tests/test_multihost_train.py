@@ -52,9 +52,9 @@ def _env():
     return env
 
 
-def _start_cluster(workdir, log_dir) -> subprocess.Popen:
-    """2 processes x 1 CPU device of the trainer command, through launch/local_cluster.sh."""
-    cmd = [
+def cluster_command(log_dir, trainer_args, processes=2) -> list[str]:
+    """`processes` x 1 CPU device of the trainer command, through launch/local_cluster.sh."""
+    return [
         "bash",
         str(REPO / "launch" / "local_cluster.sh"),
         "--quiet",
@@ -63,22 +63,29 @@ def _start_cluster(workdir, log_dir) -> subprocess.Popen:
         f"--timeout={RUN_TIMEOUT}",
         f"--python={sys.executable}",
         f"--log-dir={log_dir}",
-        "2",
-        *TRAINER_ARGS,
-        f"--workdir={workdir}",
+        str(processes),
+        *trainer_args,
     ]
+
+
+def one_process_env(devices: int) -> dict:
+    """The environment of a single process (no cluster) with `devices` CPU devices."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    return {
+        **_env(),
+        "BETA_CLIP_DISTRIBUTED": "0",
+        "XLA_FLAGS": " ".join([f"--xla_force_host_platform_device_count={devices}", *flags]),
+    }
+
+
+def _start_cluster(workdir, log_dir) -> subprocess.Popen:
+    cmd = cluster_command(log_dir, [*TRAINER_ARGS, f"--workdir={workdir}"])
     return _popen(cmd, _env(), Path(f"{log_dir}.launcher.txt"))
 
 
 def _start_reference(workdir) -> subprocess.Popen:
     """This file as a script: 1 process x 2 devices (see test_two_processes_equal_one_process)."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env = {
-        **_env(),
-        "BETA_CLIP_DISTRIBUTED": "0",
-        "JAX_ENABLE_COMPILATION_CACHE": "false",
-        "XLA_FLAGS": " ".join(["--xla_force_host_platform_device_count=2", *flags]),
-    }
+    env = {**one_process_env(2), "JAX_ENABLE_COMPILATION_CACHE": "false"}
     return _popen([sys.executable, __file__, str(workdir)], env, Path(f"{workdir}.log.txt"))
 
 

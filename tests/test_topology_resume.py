@@ -6,14 +6,23 @@ Every run is the CLI on the tiny config with 2 devices in all (2 processes x 1 d
 launch/local_cluster.sh, or 1 process x 2 devices), reading a small JSONL with broken records.
 """
 
-import json
-import os
 import sys
 
 import numpy as np
 import pytest
 from test_data_sources import make_jsonl
-from test_multihost_train import CONFIG, REPO, _assert_ok, _env, _finish, _popen, _stop
+from test_multihost_train import (
+    CONFIG,
+    REPO,
+    _assert_ok,
+    _env,
+    _finish,
+    _popen,
+    _records,
+    _stop,
+    cluster_command,
+    one_process_env,
+)
 
 from beta_clip_jax import checkpoint
 
@@ -38,33 +47,10 @@ def _start(processes, data_path, workdir, stop_at=0):
     args = _args(data_path, workdir, stop_at)
     log = f"{workdir}.{processes}proc"
     if processes == 1:
-        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-        env = {
-            **_env(),
-            "BETA_CLIP_DISTRIBUTED": "0",
-            "XLA_FLAGS": " ".join(["--xla_force_host_platform_device_count=2", *flags]),
-        }
-        cmd = [sys.executable, "-m", "beta_clip_jax.main", *args]
+        env, cmd = one_process_env(2), [sys.executable, "-m", "beta_clip_jax.main", *args]
     else:
-        env = _env()
-        cmd = [
-            "bash",
-            str(REPO / "launch" / "local_cluster.sh"),
-            "--quiet",
-            "--devices=1",
-            "--grace=5",
-            "--timeout=400",
-            f"--python={sys.executable}",
-            f"--log-dir={log}_logs",
-            str(processes),
-            *args,
-        ]
+        env, cmd = _env(), cluster_command(f"{log}_logs", args, processes)
     return _popen(cmd, env, type(REPO)(f"{log}.txt"))
-
-
-def _metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _at_step(records, step, prefix):
@@ -86,7 +72,7 @@ def runs(tmp_path_factory):
         procs["first_two"] = _start(2, data_path, paths["two_then_one"], STOP_AT)
         procs["first_one"] = _start(1, data_path, paths["one_then_two"], STOP_AT)
         results = {name: _finish(procs[name]) for name in ("first_two", "first_one")}
-        records = {name: _metrics(paths[w]) for name, w in
+        records = {name: _records(paths[w]) for name, w in
                    (("first_two", "two_then_one"), ("first_one", "one_then_two"))}  # fmt: skip
         procs["then_one"] = _start(1, data_path, paths["two_then_one"])
         procs["then_two"] = _start(2, data_path, paths["one_then_two"])
@@ -120,7 +106,7 @@ def test_two_processes_count_every_broken_record_once(runs):
     process also read) counts twice: at most one per replacement."""
     paths, results, records = runs
     _assert_ok(results["reference"])
-    one = _at_step(_metrics(paths["reference"]), STOP_AT, "data/")
+    one = _at_step(_records(paths["reference"]), STOP_AT, "data/")
     two = _at_step(records["first_two"], STOP_AT, "data/")
     seen_one, seen_two = one.pop("data/records_seen"), two.pop("data/records_seen")
     assert two == one
