@@ -20,7 +20,8 @@ from beta_clip_jax.data.transforms import resize_center_crop
 from beta_clip_jax.evals.base import l2_normalize
 from beta_clip_jax.evals.readers import resolve_templates
 from beta_clip_jax.evals.zeroshot import class_embeddings
-from beta_clip_jax.models.clip import BetaCLIP, build_model, normalize_images
+from beta_clip_jax.methods import build_model
+from beta_clip_jax.models.clip import BetaCLIP, normalize_images
 
 _log = logging.getLogger(__name__)
 

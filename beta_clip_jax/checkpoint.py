@@ -399,7 +399,7 @@ def read_workdir_config(workdir: str):
 
 def load_params_from_workdir(workdir: str, step: int | None = None):
     """(params as numpy arrays, model config) from a workdir's latest (or given) checkpoint."""
-    from beta_clip_jax.models.clip import build_model
+    from beta_clip_jax.methods import build_model
 
     config = read_workdir_config(workdir)
     path = checkpoint_dir(workdir)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import jax
 
-from beta_clip_jax import losses, objective, optim, sharding
+from beta_clip_jax import losses, methods, optim, sharding
+from beta_clip_jax.losses import cal
 
 MODES = ("train", "eval")
 
@@ -17,18 +18,46 @@ class ConfigError(ValueError):
 
 
 def resolve_config(config):
-    """A copy with every model shape filled in from its variant (what config.json records)."""
+    """A copy with the method settled (config.method, and model.method and loss.name equal to
+    it) and every model shape filled in from its variant: what config.json records."""
     import copy
-
-    from beta_clip_jax.models.variants import resolve_model_config
 
     resolved = copy.deepcopy(config)
     try:
+        method = config_method(config)
         with resolved.unlocked():
-            resolved.model = resolve_model_config(config.model)
-    except ValueError as e:  # an unknown variant or field: a config mistake, named
+            resolved.method = method.name
+            resolved.model.method = method.name
+            resolved.loss.name = method.name
+            resolved.model = methods.resolve_model_config(resolved.model)
+    except ValueError as e:  # an unknown method, variant or field: a config mistake, named
         raise ConfigError(str(e)) from e
     return resolved
+
+
+def config_method(config) -> methods.Method:
+    """The registered method the config names: config.method, else loss.name (how configs
+    named it before config.method existed), else model.method, else "beta_clip".
+
+    Every one of the three that is set must name that method, except that model.method may
+    be "beta_clip" for a method whose model is the plain one (so older configs of the clip
+    loss still read); anything else is an error naming the field.
+    """
+    fields = (
+        ("config.method", config.get("method") or ""),
+        ("loss.name", config.loss.get("name") or ""),
+        ("model.method", config.model.get("method") or ""),
+    )
+    field, name = next(((f, v) for f, v in fields if v), ("config.method", "beta_clip"))
+    method = methods.get_method(name, field)
+    for other, value in fields:
+        plain_model = other == "model.method" and value == "beta_clip"
+        if value and value != method.name and not (plain_model and method.plain_model):
+            raise ValueError(
+                f"{other}={value!r} disagrees with {field}={method.name!r}: set config.method "
+                "alone (model.method and loss.name follow it)"
+            )
+    return method
 
 
 def check_config(config, device_count: int, process_count: int) -> None:
@@ -66,14 +95,15 @@ def _check_config(config, device_count: int, process_count: int) -> None:
             "model.attention='cudnn' needs an NVIDIA GPU, but JAX's backend here is "
             f"{jax.default_backend()!r}; use 'auto' or 'xla'"
         )
-    scope = objective.check_cal_scope(config.loss)
+    method = config_method(config)
+    scope = cal.check_cal_scope(config.loss)
     gradient = config.loss.get("global_gradient", "full")
     if gradient not in losses.GLOBAL_GRADIENTS:
         raise ValueError(
             f"loss.global_gradient must be one of {losses.GLOBAL_GRADIENTS}, got {gradient!r}"
         )
     # A global β-CAL takes its negatives from the whole micro-batch: no group size applies.
-    if config.loss.name == "beta_clip" and scope == "group":
+    if method.uses_cal and scope == "group":
         group = int(config.loss.group_size)
         if group <= 0 or micro % group:
             raise ValueError(
@@ -81,15 +111,16 @@ def _check_config(config, device_count: int, process_count: int) -> None:
                 f"{group}; choose batch_size / grad_accum as a multiple of the group"
             )
     if config.data.get("pack_texts"):
-        _check_packing(config, micro, accum, dp, process_count)
+        _check_packing(config, method, micro, accum, dp, process_count)
     if int(config.log_every) <= 0 or int(config.checkpoint_every) <= 0:
         raise ValueError("log_every and checkpoint_every must be positive")
     _check_telemetry(config)
     check_paths(config)
     if config.mode == "train" and total_steps(config) <= 0:
         raise ValueError("num_steps (or num_epochs) must give at least one step")
-    if config.mode == "train" and config.loss.name == "beta_clip":
-        _check_cal_start(objective.cal_start_step(config.loss), total_steps(config))
+    if config.mode == "train" and method.uses_cal:
+        _check_cal_start(cal.cal_start_step(config.loss), total_steps(config))
+    method.check_config(config)
 
 
 def _check_names(config) -> None:
@@ -99,7 +130,6 @@ def _check_names(config) -> None:
     pixel_limit(config.data.get("max_image_pixels"))
     choices = (
         ("data.name", config.data.name, SOURCE_NAMES),
-        ("loss.name", config.loss.name, objective.LOSS_NAMES),
         ("loss.mode", config.loss.mode, ("ce", "bce")),
     )
     for field, value, allowed in choices:
@@ -127,7 +157,7 @@ def _check_telemetry(config) -> None:
         raise ValueError(f"wandb.mode={mode!r} is not one of online, offline, disabled")
 
 
-def _check_packing(config, micro: int, accum: int, dp: int, process_count: int) -> None:
+def _check_packing(config, method, micro: int, accum: int, dp: int, process_count: int) -> None:
     """Packed batches (data.pack_texts): whole groups per device and micro-batch, rows that
     hold the longest text, a method that reads only the pooled text embeddings."""
     from beta_clip_jax.data import hierarchy, packing
@@ -150,10 +180,10 @@ def _check_packing(config, micro: int, accum: int, dp: int, process_count: int) 
             f"data.pack_length {row} exceeds the model's context length "
             f"{config.model.context_length}"
         )
-    if config.model.get("method", "beta_clip") != "beta_clip":
+    if not method.packed_texts:
         raise ValueError(
-            f"data.pack_texts needs the beta_clip model (model.method={config.model.method!r} "
-            "reads per-text token states); set data.pack_texts=False"
+            f"data.pack_texts does not work with config.method={method.name!r} (it reads "
+            "per-text token states); set data.pack_texts=False"
         )
 
 
@@ -190,11 +220,16 @@ def missing_paths(config) -> list[str]:
     fields = list(_path_fields(config.data, "config.data"))
     if config.get("evals"):
         fields += list(_path_fields(config.evals, "config.evals"))
-    if config.init and str(config.init).split(":", 1)[0] in ("hf", "openai"):
-        fields.append(("config.init", str(config.init).split(":", 1)[1]))
-    elif config.init:
-        fields.append(("config.init", str(config.init)))
-    return [f"  {name} = {path}" for name, path in fields if not _exists(name, path)]
+    missing = [f"  {name} = {path}" for name, path in fields if not _exists(name, path)]
+    if config.init:
+        from beta_clip_jax.convert import weights_location
+
+        try:  # every prefix of an init spec, hub ids in the local cache included
+            if not _exists("config.init", weights_location(str(config.init))):
+                missing.append(f"  config.init = {config.init}")
+        except FileNotFoundError as e:
+            missing.append(f"  config.init = {config.init} ({str(e).splitlines()[0]})")
+    return missing
 
 
 def _exists(name: str, path: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from beta_clip_jax import methods
 from beta_clip_jax.data.pipeline import default_data_config
 from beta_clip_jax.models.variants import OPTION_DEFAULTS, SHAPE_FIELDS
 from beta_clip_jax.objective import default_loss_config
@@ -18,10 +19,13 @@ from beta_clip_jax.optim import optim_defaults
 
 
 def model_template(variant: str, **options) -> ml_collections.ConfigDict:
+    """config.model: the variant, its shape fields as placeholders, every option with its
+    default (every method's fields included) and model.method "" (follows config.method)."""
     cfg = ml_collections.ConfigDict({"variant": variant})
     for field in SHAPE_FIELDS:
         cfg[field] = config_dict.placeholder(int)
-    for field, default in OPTION_DEFAULTS.items():
+    defaults = {**OPTION_DEFAULTS, "method": "", **methods.model_defaults()}
+    for field, default in defaults.items():
         cfg[field] = options.pop(field, default)
     for field, value in options.items():
         cfg[field] = value
@@ -32,10 +36,15 @@ def base_config(variant: str = "B/16") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.mode = "train"  # "train" | "eval"
     c.seed = 0
+    # The training method, a name of the method registry (beta_clip_jax/methods/); "" is
+    # loss.name's method (older configs name it there), else beta_clip. model.method and
+    # loss.name follow it (config_check.config_method).
+    c.method = ""
     c.init = ""  # hf:PATH | openai:PATH | a workdir of ours | "" (random)
     c.model = model_template(variant)
     c.data = default_data_config()
     c.loss = default_loss_config()
+    c.loss.name = ""  # follows config.method (config_check.resolve_config)
     c.optim = optim_defaults()
     c.batch_size = 64
     c.num_steps = 1000

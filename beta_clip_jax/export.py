@@ -37,7 +37,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 
-from beta_clip_jax import export_formats, model_card
+from beta_clip_jax import export_formats, methods, model_card
 from beta_clip_jax.convert import META_FILE, POOLER_FILE
 from beta_clip_jax.convert.hf import (
     CONFIG_FILE,
@@ -47,7 +47,7 @@ from beta_clip_jax.convert.hf import (
     write_hf_dir,
 )
 from beta_clip_jax.convert.names import flax_to_hf_state_dict, pooler_file_tensors, table_paths
-from beta_clip_jax.models.clip import inference_params
+from beta_clip_jax.methods import inference_params
 from beta_clip_jax.tokenizer import EOT, SOT, VOCAB_SIZE, Tokenizer
 
 FORMAT = "beta_clip_jax export"
@@ -255,18 +255,14 @@ def export_params(
     of `formats` (FORMATS), with its model card; `evaluation` ({dataset: {"step": s,
     "metrics": {...}}}, model_card.last_evaluation) goes into the card's table.
 
-    Training-only parts (SmartCLIP's mask head) are dropped first: inference never uses them.
+    Training-only parts of the method (methods.inference_params) are dropped first: inference
+    never uses them.
     """
     formats = check_formats(formats)
     params, cfg = inference_params(params, model_cfg)
-    if cfg.method == "holistic" and cfg.image_branches > 1:
-        # Both forms have several image embeddings per image (K class tokens, or K fc2 kernels
-        # in the last blocks): a Hugging Face CLIPModel has room for one.
-        raise ValueError(
-            f"a Holistic CLIP model with {cfg.image_branches} image branches "
-            f"(branch_type={cfg.branch_type!r}) has no Hugging Face CLIPModel form; load the "
-            "workdir with beta_clip_jax.api.load, which fuses the branches"
-        )
+    refusal = methods.method_of(cfg).export_refusal(cfg)
+    if refusal:
+        raise ValueError(refusal)
     _check_covered(params, cfg)
     _check_out_dir(out)
     created = _make_out_dir(out)

@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Mapping
 
+from beta_clip_jax import methods
 from beta_clip_jax.evals.registry import METRIC_ORDER
 from beta_clip_jax.evals.retrieval import TCI_PREFIX
 
@@ -40,25 +41,6 @@ _OPENAI_BY_NAME = {
 }
 _OPENAI_LICENSE = "mit"  # OpenAI released CLIP's code and weights under the MIT licence
 
-_METHODS = {
-    "beta_clip": (
-        "β-CLIP",
-        "CLIP fine-tuned with β-CAL, a contrastive loss between each image, pooled by a "
-        "text-conditioned attention pooler, and its caption, sentences and phrases, plus the "
-        "global image-caption InfoNCE",
-    ),
-    "clip": ("CLIP fine-tune", "CLIP fine-tuned with the symmetric image-caption InfoNCE"),
-    "siglip": ("SigLIP fine-tune", "CLIP fine-tuned with the sigmoid (SigLIP) image-text loss"),
-    "smartclip": (
-        "SmartCLIP",
-        "CLIP fine-tuned with SmartCLIP's modular contrastive loss over caption and sentences "
-        "through a caption-conditioned mask head (training only; not part of the export)",
-    ),
-    "holistic": (
-        "Holistic CLIP",
-        "CLIP fine-tuned with Holistic CLIP's multi-to-multi loss over several image branches",
-    ),
-}
 _COUNTS = ("num_images", "num_texts", "num_classes", "skipped")
 
 
@@ -208,8 +190,16 @@ def _get(tree: Mapping | None, dotted: str, default=None):
 
 
 def _method(inputs: CardInputs) -> tuple[str, str]:
-    loss_name = _get(inputs.train_config, "loss.name") or inputs.cfg.get("method", "beta_clip")
-    return _METHODS.get(loss_name, (str(loss_name), f"CLIP fine-tuned with loss {loss_name!r}"))
+    """(title, summary) of the training method (config.method; loss.name in older configs)."""
+    name = (
+        _get(inputs.train_config, "method")
+        or _get(inputs.train_config, "loss.name")
+        or inputs.cfg.get("method", "beta_clip")
+    )
+    if name in methods.method_names():
+        method = methods.get_method(name)
+        return method.title, method.summary
+    return str(name), f"CLIP fine-tuned with method {name!r}"
 
 
 def _front_matter(inputs: CardInputs, base: BaseWeights) -> str:

@@ -17,13 +17,12 @@ train step alike):
   proj) train; the embeddings (vision: conv1, class_embedding, positional_embedding, ln_pre;
   text: token_embedding, positional_embedding) and the earlier blocks stay frozen, also with N
   equal to the block count. This is open_clip's `unlocked_groups` = N + 1.
-* Blocks count from the input: the stacked "blocks", Holistic's "branch_blocks", then
-  "last_block" (the vision tower's L blocks, the text tower's L blocks).
-* Parameters a method adds inside a tower train even when it is locked: Holistic's
-  "cls" branch tokens (the branches start as copies of the class token and differ only by what
-  they learn). A Holistic "mlp" tower is refused unless its branched blocks all train (N at
-  least model.branch_layers), for the same reason. Everything outside the towers (pooler,
-  SmartCLIP's mask head, the temperatures) always trains.
+* Blocks count from the input: the stacked "blocks", the stacked groups a method adds (its
+  `lock_layout.stacked_blocks`), then "last_block" (the vision tower's L blocks, the text
+  tower's L blocks).
+* Parameters a method adds inside a tower and lists in `lock_layout.always_train` train even
+  when it is locked; a method may refuse a lock that cannot work for it (`check_lock`).
+  Everything outside the towers (the pooler, a method's heads, the temperatures) always trains.
 
 A wholly frozen leaf gets the third optimiser group FROZEN_GROUP (optax.set_to_zero: no
 moments) and its gradient is stopped in the loss, so XLA drops its backward pass. The stacked
@@ -41,7 +40,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from beta_clip_jax.models.variants import resolve_model_config
+from beta_clip_jax import methods
 
 POOLER_GROUP = "pooler"
 MAIN_GROUP = "main"
@@ -51,8 +50,9 @@ NO_DECAY_NAMES = frozenset({"bias", "scale", "logit_scale", "logit_bias"})
 
 
 def optim_defaults() -> ml_collections.ConfigDict:
-    """The reference's two AdamW groups and schedules (docs/methods.md, β-CLIP itself)."""
-    return ml_collections.ConfigDict(
+    """The reference's two AdamW groups and schedules (docs/methods.md, β-CLIP itself), and
+    every method's own optimiser fields."""
+    cfg = ml_collections.ConfigDict(
         {
             "lr": 1e-5,
             "final_lr": 1e-7,
@@ -66,9 +66,6 @@ def optim_defaults() -> ml_collections.ConfigDict:
             "eps": 1e-8,
             "grad_accum": 1,
             "grad_clip": 0.0,
-            # SmartCLIP: the mask head's updates are zero for this many steps, so a run from
-            # scratch first trains plain CLIP (masks start all-ones) before masks may sparsify.
-            "mask_delay_steps": 0,
             # Locked towers (module docstring): frozen, no optimiser moments, no backward pass;
             # *_unlocked_blocks keeps that tower's last N blocks (and what follows them) training.
             "lock_image": False,
@@ -77,6 +74,10 @@ def optim_defaults() -> ml_collections.ConfigDict:
             "lock_text_unlocked_blocks": 0,
         }
     )
+    for method in methods.all_methods():
+        for field, value in method.optim_defaults.items():
+            cfg[field] = value
+    return cfg
 
 
 def _leaf_name(path) -> str:
@@ -84,15 +85,12 @@ def _leaf_name(path) -> str:
     return str(getattr(last, "key", getattr(last, "name", last)))
 
 
-# Top-level subtrees trained from scratch at the head learning rate: the pooler, and
-# SmartCLIP's mask head (the paper's 1e-3 for the mask net equals the pooler's pooler_lr).
-HEAD_SUBTREES = frozenset({"pooler", "smart_mask"})
-
-
 def group_labels(params):
-    """'pooler' for the pooler (and SmartCLIP mask head) subtrees, 'main' for everything else."""
+    """'pooler' for the subtrees trained from scratch at the head learning rate (the pooler and
+    the methods' heads, methods.head_subtrees()), 'main' for everything else."""
+    heads = methods.head_subtrees()
     return {
-        k: jax.tree.map(lambda _, k=k: POOLER_GROUP if k in HEAD_SUBTREES else MAIN_GROUP, v)
+        k: jax.tree.map(lambda _, k=k: POOLER_GROUP if k in heads else MAIN_GROUP, v)
         for k, v in params.items()
     }
 
@@ -102,14 +100,31 @@ LOCK_FIELDS = {  # tower subtree -> (lock flag, unlocked-blocks count)
     "visual": ("lock_image", "lock_image_unlocked_blocks"),
     "text": ("lock_text", "lock_text_unlocked_blocks"),
 }
-BLOCK_KEYS = ("blocks", "branch_blocks", "last_block")  # input to output
-STACKED_BLOCK_KEYS = frozenset({"blocks", "branch_blocks"})  # leading "layers" axis
 BEFORE_BLOCKS = {
     "visual": frozenset({"conv1", "class_embedding", "positional_embedding", "ln_pre"}),
     "text": frozenset({"token_embedding", "positional_embedding"}),
 }
 AFTER_BLOCKS = {"visual": frozenset({"ln_post", "proj"}), "text": frozenset({"ln_final", "proj"})}
-METHOD_KEYS = {"visual": frozenset({"branch_tokens"}), "text": frozenset()}  # train when locked
+
+
+def block_keys(tower: str) -> tuple[str, ...]:
+    """The tower's block groups, input to output: "blocks", the methods' stacked groups,
+    "last_block"."""
+    extra = [k for m in methods.all_methods() for k in m.lock_layout.stacked_blocks.get(tower, ())]
+    return ("blocks", *extra, "last_block")
+
+
+def stacked_block_keys(tower: str) -> frozenset[str]:
+    """The block groups with a leading "layers" axis."""
+    return frozenset(block_keys(tower)[:-1])
+
+
+def always_trained_keys(tower: str) -> frozenset[str]:
+    """Keys under the tower that methods train even when the tower is locked."""
+    out: set[str] = set()
+    for method in methods.all_methods():
+        out |= set(method.lock_layout.always_train.get(tower, ()))
+    return frozenset(out)
 
 
 def lock_settings(optim_cfg) -> dict[str, int]:
@@ -139,7 +154,7 @@ def check_lock(optim_cfg, model_cfg) -> None:
     locked = lock_settings(optim_cfg)
     if not locked:
         return
-    model_cfg = resolve_model_config(model_cfg)
+    model_cfg = methods.resolve_model_config(model_cfg)
     layers = {"visual": int(model_cfg.vision_layers), "text": int(model_cfg.text_layers)}
     for tower, n in locked.items():
         if n > layers[tower]:
@@ -148,33 +163,29 @@ def check_lock(optim_cfg, model_cfg) -> None:
                 f"optim.{field}={n} is more than the {layers[tower]} blocks of the "
                 f"{tower} tower (model.{'vision' if tower == 'visual' else 'text'}_layers)"
             )
-    branched = (
-        model_cfg.get("method") == "holistic"
-        and int(model_cfg.get("image_branches", 1)) > 1
-        and model_cfg.get("branch_type") == "mlp"
-    )
-    if branched and "visual" in locked and locked["visual"] < int(model_cfg.branch_layers):
-        raise ValueError(
-            f"optim.lock_image with Holistic 'mlp' branches needs optim.lock_image_unlocked_"
-            f"blocks >= model.branch_layers={model_cfg.branch_layers} (got {locked['visual']}): "
-            "the branched blocks start as copies and, frozen, the branches could never differ"
-        )
+    methods.method_of(model_cfg).check_lock(optim_cfg, model_cfg, locked)
 
 
 def _block_rows(tower: str, subtree) -> dict[str, int]:
     """{block key: number of blocks} in input-to-output order; unknown keys are refused."""
-    known = BEFORE_BLOCKS[tower] | AFTER_BLOCKS[tower] | METHOD_KEYS[tower] | set(BLOCK_KEYS)
+    known = (
+        BEFORE_BLOCKS[tower]
+        | AFTER_BLOCKS[tower]
+        | always_trained_keys(tower)
+        | set(block_keys(tower))
+    )
     unknown = sorted(set(subtree) - known)
     if unknown:
         raise ValueError(
             f"cannot lock params[{tower!r}]: no locking rule for its entries {unknown} "
-            "(optim.py BEFORE_BLOCKS / AFTER_BLOCKS / METHOD_KEYS)"
+            "(optim.py BEFORE_BLOCKS / AFTER_BLOCKS, or the method's lock_layout)"
         )
     rows = {}
-    for key in BLOCK_KEYS:
+    stacked = stacked_block_keys(tower)
+    for key in block_keys(tower):
         if key in subtree:
             first = jax.tree.leaves(subtree[key])[0]
-            rows[key] = int(first.shape[0]) if key in STACKED_BLOCK_KEYS else 1
+            rows[key] = int(first.shape[0]) if key in stacked else 1
     return rows
 
 
@@ -192,13 +203,13 @@ def _tower_mask(tower: str, subtree, unlocked: int):
             n = rows[key]
             frozen = np.arange(start, start + n) < first_trainable
             start += n
-            if key not in STACKED_BLOCK_KEYS or frozen.all() or not frozen.any():
+            if key not in stacked_block_keys(tower) or frozen.all() or not frozen.any():
                 frozen = np.array(frozen.all())
             out[key] = jax.tree.map(
                 lambda x, f=frozen: f.reshape(f.shape + (1,) * (len(x.shape) - f.ndim)), value
             )
             continue
-        if key in METHOD_KEYS[tower]:
+        if key in always_trained_keys(tower):
             frozen = False
         elif key in AFTER_BLOCKS[tower]:
             frozen = unlocked == 0
@@ -317,24 +328,6 @@ def freeze_text_rows(num_rows: int) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-def delay_subtree(name: str, steps: int) -> optax.GradientTransformation:
-    """Zeroes the updates of params[name] for the first `steps` optimiser steps."""
-
-    def init_fn(params):
-        del params
-        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
-
-    def update_fn(updates, state, params=None):
-        del params
-        if name in updates:
-            on = (state.count >= steps).astype(jnp.float32)
-            delayed = jax.tree.map(lambda u: u * on.astype(u.dtype), updates[name])
-            updates = {**updates, name: delayed}
-        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
 def _adamw(schedule, optim_cfg):
     return optax.adamw(
         schedule,
@@ -365,7 +358,7 @@ def make_optimizer(optim_cfg, total_steps: int, frozen_positions: int, pooler_st
     if locked:
         parts.append(zero_frozen_rows(optim_cfg))
     parts.append(freeze_text_rows(frozen_positions))
-    delay = int(optim_cfg.get("mask_delay_steps", 0) or 0)
-    if delay > 0:  # only then: the optimiser state of every other run stays as it was
-        parts.append(delay_subtree("smart_mask", delay))
+    # A method's transforms act only when its own optim fields ask for them (e.g. a delay).
+    for method in methods.all_methods():
+        parts.extend(method.optimizer_parts(optim_cfg))
     return optax.chain(*parts), schedules

@@ -82,7 +82,7 @@ def train_step_flops(config, tx, mesh, state, batch) -> tuple[float, str]:
     with shardings.
     """
     from beta_clip_jax import step as step_lib
-    from beta_clip_jax.models.clip import build_model
+    from beta_clip_jax.methods import build_model
 
     accum = int(config.optim.get("grad_accum", 1))
     twin = config.copy_and_resolve_references()

@@ -18,7 +18,8 @@ import sys
 
 from etils import epath
 
-from beta_clip_jax import objective
+from beta_clip_jax import methods
+from beta_clip_jax.losses import cal
 from beta_clip_jax.metrics_writer import latest_per_step, read_metrics
 
 # Curves drawn in the lower panel, when the run logged them (eval/<dataset>/<metric>).
@@ -99,22 +100,32 @@ def write_curves(workdir: str, out: str, title: str = "") -> str:
     return out
 
 
+def method_name(config: dict) -> str:
+    """The run's method: config.method, or loss.name in a config.json older than that field."""
+    return str(config.get("method") or config.get("loss", {}).get("name") or "beta_clip")
+
+
+def _trains_cal(config: dict) -> bool:
+    name = method_name(config)
+    return name in methods.method_names() and methods.get_method(name).uses_cal
+
+
 def cal_start_step(config: dict) -> int:
-    """The step at which a β-CLIP run switches β-CAL on (0: from the start, or not β-CLIP)."""
-    loss = config.get("loss", {})
-    if loss.get("name", "beta_clip") != "beta_clip":
+    """The step at which the run switches β-CAL on (0: from the start, or no β-CAL)."""
+    if not _trains_cal(config):
         return 0
-    return objective.cal_start_step(loss)
+    return cal.cal_start_step(config.get("loss", {}))
 
 
 def run_label(config: dict) -> str:
     """'clip', 'beta_clip ce beta=0.5' or, when β-CAL starts late, 'beta_clip ce beta=0.5
-    cal_start=500': what the comparison groups runs by."""
+    cal_start=500': what the comparison groups runs by (β-CAL's settings, for a method that
+    trains it)."""
     loss = config.get("loss", {})
-    name = loss.get("name", "beta_clip")
-    if name != "beta_clip":
-        return str(name)
-    label = f"beta_clip {loss.get('mode', 'ce')} beta={loss.get('beta')}"
+    name = method_name(config)
+    if not _trains_cal(config):
+        return name
+    label = f"{name} {loss.get('mode', 'ce')} beta={loss.get('beta')}"
     start = cal_start_step(config)
     return f"{label} cal_start={start}" if start > 0 else label
 

@@ -17,12 +17,13 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from beta_clip_jax import checkpoint, config_drift, objective, perf, sharding
+from beta_clip_jax import checkpoint, config_drift, perf, sharding
 from beta_clip_jax import step as step_lib
 from beta_clip_jax.config_check import ConfigError, check_config, resolve_config, total_steps
 from beta_clip_jax.data import pipeline
+from beta_clip_jax.losses import cal
+from beta_clip_jax.methods import build_model, complete_params
 from beta_clip_jax.metrics_writer import MetricsWriter, Progress
-from beta_clip_jax.models.clip import build_model
 from beta_clip_jax.optim import make_optimizer
 from beta_clip_jax.profiling import StepProfiler
 from beta_clip_jax.tokenizer import Tokenizer
@@ -135,17 +136,13 @@ def _restore_or_init(config, workdir, model, tx, mesh, ckpt, data_iter):
 
 
 def load_init_params(config, params_abs, model):
-    """Pretrained weights named by config.init (hf:, openai:, bclip: PATH or a workdir),
-    completed with the parts `model`'s method adds (SmartCLIP mask head, Holistic branches)."""
-    from beta_clip_jax.convert import load_pretrained, parse_spec
-    from beta_clip_jax.models.clip import complete_params
+    """Pretrained weights named by config.init (every spec api.load takes: hf:, openai:,
+    openclip:, bclip:, workdir: or a bare path), completed with the parts `model`'s method adds
+    (methods.complete_params)."""
+    from beta_clip_jax.convert import load_pretrained
 
     spec = str(config.init)
-    kind, path = parse_spec(spec)
-    if kind == "workdir":
-        params, _, _ = checkpoint.load_params_from_workdir(path)
-    else:
-        params, _ = load_pretrained(spec, config.model)
+    params, _ = load_pretrained(spec, config.model)
     params = complete_params(params, model, jax.random.key(int(config.seed)))
     checkpoint.check_shapes(params, params_abs, f"init weights {spec}")
     return params
@@ -227,7 +224,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         config.optim,
         num_steps,
         int(config.model.frozen_positions),
-        pooler_start_step=objective.cal_start_step(config.loss),
+        pooler_start_step=cal.cal_start_step(config.loss),
     )
     evaluators = _build_evaluators(config)
     _setup_workdir(config, workdir)
@@ -372,7 +369,7 @@ def _meta(config) -> dict:
     rerun is compared with (config_drift.py)."""
     return {
         "variant": config.model.variant,
-        "loss": config.loss.name,
+        "loss": config.loss.name,  # the method (config.method), under its older key
         "config": config_drift.stored_form(config),
     }
 

@@ -40,59 +40,8 @@ Where to get the files:
 A missing file stops the run before anything compiles, naming each path to set.
 """
 
-import ml_collections
-
-from beta_clip_jax.config_defaults import base_config
-
-SHAREGPT4V_JSON = "data/sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107_filtered.json"
-SHAREGPT4V_TRAIN = "data/sharegpt4v/train_spacy.jsonl"  # written by data/prepare.py
-SHAREGPT4V_IMAGES = "data/sharegpt4v/images"
+from beta_clip_jax.config_presets import urban_recipe
 
 
 def get_config(arg: str = "ce"):
-    mode = arg or "ce"
-    if mode not in ("ce", "bce"):
-        raise ValueError(f"configs/b16_urban.py takes ':ce' or ':bce', got {arg!r}")
-    c = base_config("B/16")
-    c.init = "openai:weights/ViT-B-16.pt"
-    c.model.dtype = "bfloat16"
-    c.model.remat = "full"  # the reference checkpoints the text tower: 36 texts x 248 tokens
-
-    c.data.name = "jsonl"
-    c.data.path = SHAREGPT4V_TRAIN
-    c.data.image_root = SHAREGPT4V_IMAGES
-    # None: the source's own held-out count (0 for the prepared JSONL, which already lacks
-    # SV-1k; 1000 for the raw json), so SV-1k is skipped exactly once either way.
-    c.data.skip_first = None
-    c.data.num_workers = 8
-
-    c.loss.mode = mode
-    c.loss.beta = 0.5
-    c.loss.group_size = 64
-    # The released runs are 4 GPUs x 64: the global InfoNCE's columns are all_gathered without
-    # gradient, so each embedding learns only as its own row's query.
-    c.loss.global_gradient = "local"
-
-    c.batch_size = 2048
-    c.optim.grad_accum = 8
-    c.num_epochs = 10.0
-    c.optim.warmup_fraction = 0.001  # round(0.01 * steps_per_epoch) over 10 epochs
-
-    c.log_every = 20
-    c.checkpoint_every = 300
-    c.keep_checkpoints = 3
-
-    every = 600  # about one epoch at 2048 images per step
-    c.evals = ml_collections.ConfigDict()
-    c.evals.urban1k = dict(kind="urban1k", root="data/Urban1k", every=every, batch_size=64)
-    c.evals.sv1k = dict(
-        kind="sharegpt4v_1k",
-        json_path=SHAREGPT4V_JSON,
-        image_root=SHAREGPT4V_IMAGES,
-        every=every,
-        batch_size=64,
-    )
-    c.evals.fgovd = dict(
-        kind="fgovd", root="data/fgovd", image_root="data/coco", every=every, batch_size=64
-    )
-    return c
+    return urban_recipe(arg)

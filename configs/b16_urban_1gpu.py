@@ -27,18 +27,11 @@ yours with `python -m beta_clip_jax.bench --config=configs/b16_urban_1gpu.py --l
 --config.batch_size=64 --config.optim.grad_accum=1` (one micro-batch; a step is 8 of them).
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "b16_urban", os.path.join(os.path.dirname(os.path.abspath(__file__)), "b16_urban.py")
-)
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from beta_clip_jax.config_presets import urban_recipe
 
 
 def get_config(arg: str = "ce"):
-    c = _base.get_config(arg or "ce")
+    c = urban_recipe(arg or "ce")
     c.batch_size = 512
     c.optim.grad_accum = 8  # micro-batches of 64, as --batch-size 64 --update-freq 8
     c.loss.group_size = 64

@@ -12,15 +12,8 @@ Prepare the training JSONL first (spaCy phrases; also holds out SV-1k, the json'
 The eval paths and where to get each file are as in configs/b16_urban.py; docs/data.md.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "b16_urban", os.path.join(os.path.dirname(os.path.abspath(__file__)), "b16_urban.py")
-)
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from beta_clip_jax.config_presets import urban_recipe
 
 
 def get_config(arg: str = "bce"):
-    return _base.get_config(arg or "bce")
+    return urban_recipe(arg or "bce")

@@ -33,62 +33,8 @@ What makes the comparison fair and the effect real (docs/demo.md has the runs be
   objects out of the image.
 """
 
-from beta_clip_jax.config_defaults import base_config
-
-METHODS = ("ce", "bce", "clip")
-# Plain CLIP's best of {1e-3, 2e-3, 3e-3} on seed 0 (docs/demo.md); every method uses it, so the
-# CLIP phase that all of them share is the same run.
-LEARNING_RATE = 2e-3
+from beta_clip_jax.config_presets import demo_recipe
 
 
 def get_config(method: str = "ce"):
-    method = method or "ce"
-    if method not in METHODS:
-        raise ValueError(f"configs/demo.py:METHOD with METHOD in {METHODS}, got {method!r}")
-    c = base_config("tiny")
-    c.model.image_size = 64
-    c.model.patch_size = 8
-    c.model.frozen_positions = 0  # random init: no pretrained positions to keep
-
-    c.data.name = "synthetic"
-    c.data.synthetic.num_train = 65536  # drawn on the fly; few repeats in 300 x 32 examples
-    c.data.synthetic.min_objects = 2
-    c.data.synthetic.max_objects = 3
-    c.data.max_sentences = 3
-    c.data.max_phrases = 12
-    c.data.text_length = 36
-    c.data.phrase_length = 8
-    c.data.crop_scale = (1.0, 1.0)
-    c.data.crop_ratio = (1.0, 1.0)
-
-    c.loss.name = "clip" if method == "clip" else "beta_clip"
-    c.loss.mode = "bce" if method == "bce" else "ce"
-    c.batch_size = 32
-    c.loss.group_size = 32
-    c.num_steps = 1000  # at 300 steps neither model is trained enough to compare (docs/demo.md)
-    if method != "clip":
-        # beta-CAL fine-tunes the CLIP of the first half. A reference, so that
-        # --config.num_steps=N moves the switch to N // 2.
-        c.loss.cal_start_step = c.get_ref("num_steps") // 2
-    c.optim.lr = LEARNING_RATE
-    c.optim.final_lr = 1e-5
-    c.optim.warmup_steps = 50
-    c.optim.pooler_lr = 1e-2
-    c.optim.pooler_final_lr = 1e-4
-    c.mesh.num_devices = 1
-
-    c.log_every = 25
-    c.checkpoint_every = 1000  # the final step is always saved
-    c.keep_checkpoints = 1
-    c.evals.synthetic = dict(
-        kind="synthetic",
-        num_examples=256,
-        every=500,
-        batch_size=64,
-        min_objects=c.data.synthetic.min_objects,
-        max_objects=c.data.synthetic.max_objects,
-    )
-    # At the end of training: print the final table and write curves.png and heatmap.png
-    # (beta_clip_jax.plots.report_run).
-    c.write_plots = True
-    return c
+    return demo_recipe(method)

@@ -10,32 +10,22 @@ encoder in the last model.branch_layers blocks. Evaluation embeds images with th
 branches (model.encode_image fuses them).
 """
 
-import importlib.util
-import os
-
-
-def _sibling(name: str):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-    spec = importlib.util.spec_from_file_location(f"beta_clip_{name[:-3]}_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from beta_clip_jax.config_presets import demo_recipe, tiny_intra_eval
 
 
 def get_config(branch_type: str = "cls"):
     branch_type = branch_type or "cls"
     if branch_type not in ("cls", "mlp"):
         raise ValueError(f"configs/holistic_demo.py:TYPE, TYPE in cls, mlp; got {branch_type!r}")
-    smart = _sibling("smartclip_demo.py")
-    c = smart.demo_config("clip")
+    c = demo_recipe("clip")
     c.data.pack_texts = False  # the method reads per-text token states (docs/data.md)
-    c.model.method = "holistic"
+    c.method = "holistic"  # the model gets its parts, the loss is its own
+    c.loss.name = ""  # the demo base names "clip" there; "" follows config.method
     c.model.image_branches = 1 + c.data.max_sentences
     c.model.branch_type = branch_type
     c.model.branch_layers = 1  # the tiny ViT has 2 blocks; the paper branches 3 of 12
-    c.loss.name = "holistic"
     c.loss.holistic.pairing = "auto"
     c.loss.holistic.diversity_margin = 0.7
     c.data.max_phrases = 0
-    c.evals.intra = smart.intra_eval(every=c.evals.synthetic.every)
+    c.evals.intra = tiny_intra_eval(every=c.evals.synthetic.every)
     return c

@@ -33,7 +33,7 @@ def get_config(branch_type: str = "cls"):
     c.model.context_length = 77
     c.model.frozen_positions = 0
     c.model.dtype = "bfloat16"
-    c.model.method = "holistic"
+    c.method = "holistic"  # the model gets its parts, the loss is its own
     c.model.image_branches = NUM_TEXTS + 1
     c.model.branch_type = branch_type
     c.model.branch_layers = 3
@@ -46,7 +46,6 @@ def get_config(branch_type: str = "cls"):
     c.data.text_length = 77
     c.data.num_workers = 8
 
-    c.loss.name = "holistic"
     c.loss.holistic.pairing = "auto"
     c.loss.holistic.diversity_margin = 0.7
 

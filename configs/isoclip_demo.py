@@ -10,23 +10,20 @@ scene), reporting plain and IsoCLIP-filtered (iso_*) scores side by side; number
 WORKDIR/metrics.jsonl and eval_results.json. The filter is applied in memory; to write
 filtered weights instead:
 
-    python -m beta_clip_jax.isoclip_apply --init=/tmp/demo_ce --out=/tmp/demo_ce_isoclip \
+    python -m beta_clip_jax.methods.isoclip_apply --init=/tmp/demo_ce --out=/tmp/demo_ce_isoclip \
         --image_band=12,35 --text_band=1,35
 """
 
-import importlib.util
 import json
 import os
 
 import ml_collections
 
+from beta_clip_jax.config_presets import demo_recipe, tiny_intra_eval
+
 
 def get_config(source: str = ""):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "smartclip_demo.py")
-    spec = importlib.util.spec_from_file_location("beta_clip_smartclip_demo_config", path)
-    smart = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(smart)
-    c = smart.demo_config("clip")
+    c = demo_recipe("clip")
     c.mode = "eval"
     c.init = source
     if source:
@@ -35,6 +32,6 @@ def get_config(source: str = ""):
         c.model = ml_collections.ConfigDict(trained["model"])
         c.data = ml_collections.ConfigDict(trained["data"])
         c.loss = ml_collections.ConfigDict(trained["loss"])
-    c.evals.intra = smart.intra_eval()
+    c.evals.intra = tiny_intra_eval()
     c.evals.synthetic.every = 0
     return c

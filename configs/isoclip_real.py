@@ -11,7 +11,7 @@ relevant = same class (one folder per class). COCO text->text: Karpathy test spl
 caption of each image queries the other four. Other image->image sets: add evaluators with
 `image_root` (queries, e.g. a test split) and `gallery_root` (e.g. the train split). The model
 keeps its 77-position text table so the text tower is exactly OpenAI's.
-To write filtered weights instead: `python -m beta_clip_jax.isoclip_apply --init=hf:PATH
+To write filtered weights instead: `python -m beta_clip_jax.methods.isoclip_apply --init=hf:PATH
 --out=DIR --variant=B/16`.
 """
 

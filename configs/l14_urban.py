@@ -28,18 +28,11 @@ of 24 layers 1024 wide over 256 patches, against 12 x 768 over 196), so the opti
 or 32 (micro-batches of 128 or 64, still whole β-CAL groups of 64).
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "b16_urban", os.path.join(os.path.dirname(os.path.abspath(__file__)), "b16_urban.py")
-)
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from beta_clip_jax.config_presets import urban_recipe
 
 
 def get_config(arg: str = "ce"):
-    c = _base.get_config(arg or "ce")
+    c = urban_recipe(arg or "ce")
     # The shape fields are placeholders that the variant fills, so this changes every shape.
     c.model.variant = "L/14"
     c.init = "openai:weights/ViT-L-14.pt"

@@ -31,7 +31,7 @@ def get_config():
     c = base_config("B/16")
     c.data.pack_texts = False  # the method reads per-text token states (docs/data.md)
     c.init = "openai:weights/ViT-B-16.pt"
-    c.model.method = "smartclip"
+    c.method = "smartclip"  # the model gets its parts, the loss is its own
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
 
@@ -43,7 +43,6 @@ def get_config():
     c.data.max_sentences = 5
     c.data.max_phrases = 0
 
-    c.loss.name = "smartclip"
     c.loss.smartclip.align_weight = 0.5
     c.loss.smartclip.sparse_weight = 0.1
 

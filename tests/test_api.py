@@ -169,7 +169,7 @@ def test_raw_dense_features_and_float32_evaluation(tiny):
     hf, path = tiny
     bf16 = api.load(path, batch_size=4, model_cfg=None)
     cfg = dict(bf16.model.config.items(), dtype="bfloat16")
-    from beta_clip_jax.models.clip import build_model
+    from beta_clip_jax.methods import build_model
 
     encoder = api.Encoder(build_model(cfg), bf16.params, batch_size=4)
     assert encoder.model.config.dtype == "float32"

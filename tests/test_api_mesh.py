@@ -6,8 +6,7 @@ from helpers_tiny import random_params
 
 from beta_clip_jax import sharding
 from beta_clip_jax.api import Encoder
-from beta_clip_jax.models.clip import build_model
-from beta_clip_jax.models.variants import model_config
+from beta_clip_jax.methods import build_model, model_config
 
 
 def test_mesh_encoder_equals_single_device_encoder():

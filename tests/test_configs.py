@@ -107,7 +107,7 @@ def test_cal_start_step_after_the_last_step_is_named():
         check_config(config, device_count=1, process_count=1)
     config.loss.cal_start_step = 9
     check_config(config, device_count=1, process_count=1)
-    config.loss.name = "clip"  # plain CLIP never runs β-CAL: nothing to check
+    config.method = config.loss.name = "clip"  # plain CLIP never runs β-CAL: nothing to check
     config.loss.cal_start_step = 10
     check_config(config, device_count=1, process_count=1)
 
@@ -150,3 +150,32 @@ def test_shard_patterns_count_as_existing_paths(tmp_path):
         assert missing_paths(config) == []
     config.data.path = f"{tmp_path}/other-{{00000..00001}}.tar"
     assert missing_paths(config) == [f"  config.data.path = {config.data.path}"]
+
+
+def test_every_init_spec_is_checked_as_training_reads_it(tmp_path, monkeypatch):
+    """config.init takes every spec api.load takes; the start-up check finds each one's file
+    (a hub id in the local cache included) and names the missing ones."""
+    from beta_clip_jax.config_check import missing_paths
+    from beta_clip_jax.config_defaults import base_config
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "ViT-B-16.pt").write_bytes(b"")
+    config = base_config("tiny")
+    present = [
+        f"workdir:{tmp_path / 'run'}",
+        str(tmp_path / "run"),
+        f"openai:{tmp_path / 'ViT-B-16.pt'}",
+        f"bclip:{tmp_path / 'ViT-B-16.pt'}",
+        f"openclip:{tmp_path / 'ViT-B-16.pt'}@ViT-B-16",
+        f"hf:{tmp_path}",
+    ]
+    for spec in present:
+        config.init = spec
+        assert missing_paths(config) == [], spec
+    for spec in (f"bclip:{tmp_path / 'gone.pt'}", f"workdir:{tmp_path / 'gone'}"):
+        config.init = spec
+        assert missing_paths(config) == [f"  config.init = {spec}"], spec
+    config.init = "hf:someone/some-clip"  # a hub id: looked up in the (empty) local cache
+    (line,) = missing_paths(config)
+    assert line.startswith("  config.init = hf:someone/some-clip (") and "cache" in line

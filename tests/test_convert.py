@@ -34,7 +34,7 @@ from beta_clip_jax.convert import (
     write_hf_dir,
 )
 from beta_clip_jax.convert.openai import read_openai_state_dict
-from beta_clip_jax.models.clip import build_model
+from beta_clip_jax.methods import build_model
 
 TOL = 1e-4
 

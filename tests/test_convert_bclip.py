@@ -42,7 +42,7 @@ from beta_clip_jax.convert.bclip import (
 )
 from beta_clip_jax.convert.names import hf_state_dict_to_flax
 from beta_clip_jax.convert.torch_pickle import RestrictedUnpickler, read_torch_file
-from beta_clip_jax.models.clip import build_model
+from beta_clip_jax.methods import build_model
 
 # 64-wide heads as in the official towers (bclip files do not record heads); the towers differ in
 # width so that a swapped tensor cannot fit. The pooler has 8 heads of 8.

@@ -16,8 +16,8 @@ from beta_clip_jax import api, checkpoint
 from beta_clip_jax.convert import META_FILE, POOLER_FILE, import_pretrained
 from beta_clip_jax.convert.names import pooler_file_tensors, pooler_from_torch, pooler_to_torch
 from beta_clip_jax.export import export_params
-from beta_clip_jax.models.clip import build_model, normalize_images
-from beta_clip_jax.models.variants import resolve_model_config
+from beta_clip_jax.methods import build_model, resolve_model_config
+from beta_clip_jax.models.clip import normalize_images
 from beta_clip_jax.tokenizer import Tokenizer
 from beta_clip_jax.torch_pooler import BetaCLIPPooler, from_pretrained
 
@@ -217,7 +217,7 @@ def test_pooler_table_round_trip_and_errors(workdir, tmp_path):
 def test_smartclip_params_export_without_the_mask_head(workdir, tmp_path):
     """A SmartCLIP model's mask head is training-only: the export drops it and keeps every other
     parameter exactly, and the model config it records is a plain beta-CLIP one."""
-    from beta_clip_jax.models.clip import complete_params
+    from beta_clip_jax.methods import complete_params
 
     _, params, cfg, _ = workdir
     smart_cfg = cfg.to_dict() | {"method": "smartclip"}
@@ -235,8 +235,8 @@ def test_smartclip_params_export_without_the_mask_head(workdir, tmp_path):
 def test_multi_branch_holistic_export_is_refused_by_name(tmp_path, branch_type):
     import jax
 
+    from beta_clip_jax.methods import model_config
     from beta_clip_jax.models.clip import init_params
-    from beta_clip_jax.models.variants import model_config
 
     cfg = model_config(
         "tiny", method="holistic", image_branches=3, branch_type=branch_type, branch_layers=1

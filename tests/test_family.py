@@ -42,10 +42,10 @@ from beta_clip_jax.convert import (
 )
 from beta_clip_jax.convert.openai import openai_activation, read_openai_state_dict
 from beta_clip_jax.convert.openclip import MODEL_CONFIGS, variant_from_openclip_config
+from beta_clip_jax.methods import resolve_model_config
 from beta_clip_jax.models import variants
 from beta_clip_jax.models.clip import LOGIT_SCALE_INIT
 from beta_clip_jax.models.layers import ACTIVATIONS
-from beta_clip_jax.models.variants import resolve_model_config
 
 TOL = 1e-4
 EPS = 0.1  # LayerNorm eps of the tiny family model: far from 1e-5, so using the wrong one shows

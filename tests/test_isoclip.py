@@ -5,6 +5,7 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
+from beta_clip_jax.evals import metrics
 from beta_clip_jax.methods import isoclip
 
 
@@ -125,13 +126,13 @@ def test_retrieval_metrics_match_brute_force():
     emb = rng.normal(size=(23, 6))
     labels = rng.integers(0, 4, size=23)
     labels[0] = 9  # a class of one: no relevant item, skipped
-    got = isoclip.image_to_image(emb, labels, chunk=7)
+    got = metrics.image_to_image(emb, labels, chunk=7)
     want = _np_metrics(emb, labels, emb, labels, same_set=True)
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-9)
 
     gal, gal_labels = rng.normal(size=(17, 6)), rng.integers(0, 4, size=17)
-    got = isoclip.image_to_image(emb[1:], labels[1:], gal, gal_labels)
+    got = metrics.image_to_image(emb[1:], labels[1:], gal, gal_labels)
     want = _np_metrics(emb[1:], labels[1:], gal, gal_labels, same_set=False)
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-9)
@@ -141,7 +142,7 @@ def test_text_to_text_protocol():
     rng = np.random.default_rng(6)
     ids = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3])
     emb = rng.normal(size=(len(ids), 5))
-    got = isoclip.text_to_text(emb, ids)
+    got = metrics.text_to_text(emb, ids)
     first = [0, 3, 5, 9]
     rest = [i for i in range(len(ids)) if i not in first]
     want = _np_metrics(emb[first], ids[first], emb[rest], ids[rest], same_set=False)
@@ -152,7 +153,7 @@ def test_text_to_text_protocol():
 def test_apply_command_core_writes_filtered_params(tmp_path):
     from flax import serialization
 
-    from beta_clip_jax import isoclip_apply
+    from beta_clip_jax.methods import isoclip_apply
 
     k_img, k_txt = _kernels()
     params = {"visual": {"proj": {"kernel": k_img}}, "text": {"proj": {"kernel": k_txt}}}

@@ -16,7 +16,8 @@ from train_helpers import tiny_config
 from beta_clip_jax import optim, sharding
 from beta_clip_jax import step as step_lib
 from beta_clip_jax.config_check import resolve_config
-from beta_clip_jax.models.clip import build_model, param_shapes
+from beta_clip_jax.methods import build_model
+from beta_clip_jax.models.clip import param_shapes
 
 STEPS = 5
 SENTENCES, PHRASES, LENGTH = 2, 3, 12  # caption + 1 sentence, 3 phrases

@@ -4,6 +4,7 @@ import json
 import os
 
 import flax.linen as nn
+import holistic_reference
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,16 +15,16 @@ from train_helpers import load_config
 
 from beta_clip_jax import objective
 from beta_clip_jax.api import Encoder
-from beta_clip_jax.methods import holistic
-from beta_clip_jax.models.clip import (
+from beta_clip_jax.methods import (
     build_model,
     complete_params,
+    holistic,
+    holistic_model,
     inference_params,
-    init_params,
-    param_shapes,
+    model_config,
 )
+from beta_clip_jax.models.clip import init_params, param_shapes
 from beta_clip_jax.models.layers import ResidualBlock
-from beta_clip_jax.models.variants import model_config
 
 
 def _inputs(b=2, s=3, length=8):
@@ -68,17 +69,18 @@ def test_branched_block_equals_holistic_reference():
     k, w, heads = 3, 16, 2
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(2, k, 7, w)), jnp.float32)
-    ref = holistic.BranchedBlock(heads, k)
+    ref = holistic_reference.BranchedBlock(heads, k)
     rp = nn.unbox(jax.jit(ref.init)(jax.random.key(1), x)["params"])
     rp = jax.tree.map(lambda a: a + 0.05 * rng.normal(size=a.shape).astype(np.float32), rp)
     ours = {key: rp[key] for key in ("ln_1", "query", "key", "value", "out", "ln_2")}
     ours["fc1"] = rp["mlp"]["fc1"]
     ours["fc2"] = {"kernel": rp["mlp"]["fc2_kernel"], "bias": rp["mlp"]["fc2_bias"]}
-    block = ResidualBlock(w, heads, mode="full", branches=k)
+    block = ResidualBlock(w, heads, mode="full", mlp_out=holistic_model.branched_fc2(k))
+    rows = x.reshape(-1, *x.shape[2:])  # the model runs the K streams as batch rows
     assert jax.tree.map(jnp.shape, ours) == jax.tree.map(
-        jnp.shape, nn.unbox(jax.eval_shape(block.init, jax.random.key(0), x)["params"])
+        jnp.shape, nn.unbox(jax.eval_shape(block.init, jax.random.key(0), rows)["params"])
     )
-    got = jax.jit(block.apply)({"params": ours}, x)
+    got = jax.jit(block.apply)({"params": ours}, rows).reshape(x.shape)
     want = jax.jit(ref.apply)({"params": rp}, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -199,7 +201,7 @@ def _shrink(c):
     c.log_every = 1
     c.batch_size = 8
     c.data.max_sentences = 2
-    if c.model.method == "holistic":
+    if c.method == "holistic":
         c.model.image_branches = 3
     c.evals.synthetic.num_examples = 8
     c.evals.intra.num_classes = 4
@@ -246,13 +248,13 @@ def test_method_configs_train_and_evaluate(tmp_path, config, arg, key):
     for metric in ("synthetic/t2i_r1", "intra/i2i_map", "intra/t2t_map", "intra/iso_i2i_map"):
         assert f"eval/{metric}" in merged, metric
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["model"]["method"] == c.model.method
+    assert saved["model"]["method"] == c.method
 
 
 def _plain_workdir(path, config, model_cfg):
     """A workdir of `config` holding random plain beta-CLIP weights of `model_cfg`."""
     from beta_clip_jax import checkpoint
-    from beta_clip_jax.models.variants import resolve_model_config
+    from beta_clip_jax.methods import resolve_model_config
 
     cfg = resolve_model_config(model_cfg)
     params = jax.tree.map(np.asarray, init_params(build_model(cfg), jax.random.key(11)))
@@ -269,8 +271,9 @@ def _plain_workdir(path, config, model_cfg):
 
 
 def test_isoclip_apply_export_matches_in_memory_filter(tmp_path):
-    from beta_clip_jax import api, isoclip_apply
+    from beta_clip_jax import api
     from beta_clip_jax.evals.intramodal import IntraModalEvaluator
+    from beta_clip_jax.methods import isoclip_apply
 
     model = build_model(model_config("tiny", method="smartclip"))
     params = init_params(model, jax.random.key(6))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from helpers_tiny import fast_jit, random_images, random_params, random_tokens
 
-from beta_clip_jax.models.clip import build_model, dummy_inputs
-from beta_clip_jax.models.variants import VARIANTS, model_config, resolve_model_config
+from beta_clip_jax.methods import build_model, model_config, resolve_model_config
+from beta_clip_jax.models.clip import dummy_inputs
+from beta_clip_jax.models.variants import VARIANTS
 
 
 def test_variant_table_and_overrides():

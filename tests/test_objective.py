@@ -11,6 +11,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from beta_clip_jax import losses, objective
+from beta_clip_jax.losses import cal
+from beta_clip_jax.methods import siglip
 from beta_clip_jax.models.pooler import TextConditionedPooler
 
 K, E = 5, 8
@@ -88,7 +90,7 @@ def test_clip_and_siglip_objectives():
         objective.training_loss(out, valid, _cfg(name="siglip"))
     out["logit_bias"] = np.float32(-5.0)
     loss, _ = objective.training_loss(out, valid, _cfg(name="siglip"))
-    ref, _ = losses.siglip_loss(out["image"], out["text"][:, 0], s_g, -5.0)
+    ref, _ = siglip.siglip_loss(out["image"], out["text"][:, 0], s_g, -5.0)
     np.testing.assert_allclose(float(loss), float(ref), rtol=1e-6)
     with pytest.raises(ValueError, match="unknown"):
         objective.training_loss(out, valid, _cfg(name="nope"))
@@ -154,7 +156,7 @@ def _pool_and_cal(group_size):
 
     def f(params, text, patches, valid):
         pooled, _ = model.apply(params, text, patches)
-        return objective.grouped_beta_cal(pooled, text, valid, 10.0, cfg)[0]
+        return cal.grouped_beta_cal(pooled, text, valid, 10.0, cfg)[0]
 
     params = jax.eval_shape(
         model.init, jax.random.key(0), jnp.ones((1, MK, ME)), jnp.ones((1, MP, ME))

@@ -18,7 +18,7 @@ from beta_clip_jax import sharding
 from beta_clip_jax import step as step_lib
 from beta_clip_jax.config_check import check_config, resolve_config
 from beta_clip_jax.data import packing
-from beta_clip_jax.models.clip import build_model
+from beta_clip_jax.methods import build_model
 
 SOT, EOT = 49406, 49407
 B, S, KP, LC, LS, LP = 16, 2, 3, 24, 16, 8

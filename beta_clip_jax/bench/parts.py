@@ -19,7 +19,7 @@ from beta_clip_jax.bench.batches import text_batch
 from beta_clip_jax.bench.hardware import cost, time_calls
 from beta_clip_jax.bench.step_timing import bench_config, texts_per_image, unrolled
 from beta_clip_jax.data.transforms import normalize
-from beta_clip_jax.models.clip import build_model
+from beta_clip_jax.methods import build_model
 from beta_clip_jax.models.variants import num_patches
 from beta_clip_jax.optim import make_optimizer
 

@@ -23,7 +23,7 @@ from beta_clip_jax.bench.hardware import (
     process_memory,
 )
 from beta_clip_jax.config_defaults import base_config
-from beta_clip_jax.models.clip import build_model
+from beta_clip_jax.methods import build_model
 from beta_clip_jax.optim import make_optimizer
 
 

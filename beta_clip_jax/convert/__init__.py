@@ -80,7 +80,8 @@ from beta_clip_jax.convert.openclip import (
     variant_from_openclip_config,
 )
 from beta_clip_jax.convert.positions import KEEP, adapt_text_positions, stretch_positions
-from beta_clip_jax.models.variants import ALL_FIELDS, resolve_model_config
+from beta_clip_jax.methods import resolve_model_config
+from beta_clip_jax.models.variants import ALL_FIELDS
 
 __all__ = [
     "POOLER_FILE",
@@ -135,6 +136,21 @@ def parse_spec(spec: str) -> tuple[str, str]:
         "Long-CLIP checkpoint), 'openclip:PATH[@MODEL]' (an open_clip checkpoint), "
         "'bclip:FILE.pt' (an official β-CLIP training checkpoint) or a workdir with checkpoints/"
     )
+
+
+def weights_location(spec: str) -> str:
+    """The local file or directory an init spec reads: its path, a hub id's snapshot in the
+    local Hugging Face cache, an open_clip PATH@MODEL's PATH. Raises FileNotFoundError (with
+    what to do) when there is none; it may not exist when a prefix names it."""
+    from beta_clip_jax.convert.hf import is_hub_id, local_hf_dir
+    from beta_clip_jax.convert.openclip import split_model_name
+
+    kind, path = parse_spec(spec)
+    if kind == "openclip":
+        path = split_model_name(path)[0]
+    if kind in ("hf", "openclip") and is_hub_id(path):
+        path = local_hf_dir(path, kind)
+    return path
 
 
 def _has_hf_config(path: str) -> bool:

@@ -42,7 +42,8 @@ from beta_clip_jax.convert.names import (
 )
 from beta_clip_jax.convert.positions import RES_POSITIONS_KEY, effective_text_positions
 from beta_clip_jax.convert.torch_pickle import TorchZip, read_torch_file
-from beta_clip_jax.models.variants import VARIANTS, match_variant, resolve_model_config
+from beta_clip_jax.methods import resolve_model_config
+from beta_clip_jax.models.variants import VARIANTS, match_variant
 
 POOLER_PREFIX = "text_conditioned_patches_block."
 POOLER_HEADS = 8  # AttentionPoolingMLPBlock's default, which the official models keep

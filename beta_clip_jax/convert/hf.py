@@ -28,7 +28,8 @@ import numpy as np
 
 from beta_clip_jax.convert.names import check_weights, is_buffer
 from beta_clip_jax.convert.torch_pickle import torch_load_numpy
-from beta_clip_jax.models.variants import ACTIVATIONS, match_variant, resolve_model_config
+from beta_clip_jax.methods import resolve_model_config
+from beta_clip_jax.models.variants import ACTIVATIONS, match_variant
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

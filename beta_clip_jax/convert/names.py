@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from beta_clip_jax.models.variants import SHAPE_FIELDS, resolve_model_config
+from beta_clip_jax.methods import resolve_model_config
+from beta_clip_jax.models.variants import SHAPE_FIELDS
 
 
 # Transforms: from_hf(torch layout) -> flax layout, and back. `h` is the number of heads.
@@ -216,7 +217,8 @@ def expected_flax_shapes(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
 @functools.lru_cache(maxsize=16)
 def _model_shapes(shape_cfg: tuple) -> tuple:
     """Traces the model's init once per shape config (a second or so for the large variants)."""
-    from beta_clip_jax.models.clip import build_model, param_shapes  # heavy; import when used
+    from beta_clip_jax.methods import build_model  # heavy; import when used
+    from beta_clip_jax.models.clip import param_shapes
 
     cfg = resolve_model_config(dict(shape_cfg, variant="shapes"))
     tree = param_shapes(build_model(cfg))

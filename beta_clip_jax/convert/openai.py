@@ -34,7 +34,8 @@ import numpy as np
 from beta_clip_jax.convert.names import check_weights
 from beta_clip_jax.convert.positions import RES_POSITIONS_KEY, effective_text_positions
 from beta_clip_jax.convert.torch_pickle import TorchZip, module_classes, read_torch_file
-from beta_clip_jax.models.variants import match_variant, resolve_model_config
+from beta_clip_jax.methods import resolve_model_config
+from beta_clip_jax.models.variants import match_variant
 
 OPENAI_ACTIVATION = "quick_gelu"
 # Module class names of an activation other than QuickGELU (torch.nn.GELU, ReLU, SiLU, ...).

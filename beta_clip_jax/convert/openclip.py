@@ -26,7 +26,8 @@ import numpy as np
 
 from beta_clip_jax.convert.hf import is_hub_id, local_hf_dir, read_safetensors
 from beta_clip_jax.convert.openai import read_openai_state_dict
-from beta_clip_jax.models.variants import match_variant, resolve_model_config
+from beta_clip_jax.methods import resolve_model_config
+from beta_clip_jax.models.variants import match_variant
 
 OPENCLIP_CONFIG = "open_clip_config.json"
 # Weight files of an open_clip directory, in open_clip's order of preference.
@@ -77,7 +78,7 @@ _KNOWN_TEXT = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_
                # only used by embed_cls or "eos" pooling, refused below
                "pad_id", "eos_id"}  # fmt: skip
 # Options our towers compute only at these (open_clip's default) values.
-_TOP_DEFAULTS = {"init_logit_bias": None}  # SigLIP
+_TOP_DEFAULTS = {"init_logit_bias": None}  # sigmoid-loss models
 _VISION_DEFAULTS = {
     "ls_init_value": None, "attentional_pool": False, "no_ln_pre": False,
     "pos_embed_type": "learnable", "final_ln_after_pool": False, "pool_type": "tok",

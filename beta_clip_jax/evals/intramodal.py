@@ -1,8 +1,8 @@
-"""Intra-modal retrieval (IsoCLIP's protocol): image->image by class, text->text by shared image.
+"""Intra-modal retrieval: image->image by class, text->text by shared image.
 
     evals.intra = dict(kind="intramodal")                       # synthetic scenes, no files
     evals.cub = dict(kind="intramodal", image_root="/data/CUB/images",
-                     iso_variant="B/16")                         # + IsoCLIP-filtered scores
+                     iso_variant="B/16")                         # + spectrally filtered scores
     evals.coco_t2t = dict(kind="intramodal", json_path="/data/coco/dataset_coco.json")
 
 Image->image: `image_root` holds one folder per class (root/<class>/*.jpg); every image queries
@@ -14,10 +14,12 @@ classes are synthetic scenes (the same objects) re-rendered with the objects mov
 cells and a new background; texts are a scene's caption with its sentences reordered and
 re-templated.
 
-Metrics (percent): i2i_map, i2i_map_at_r, i2i_p_at_r, i2i_r1 and t2t_* likewise. With an IsoCLIP
-band (`iso_variant` = a key of methods.isoclip.BANDS, or `iso_image_band` / `iso_text_band` =
-(k_top, k_bottom)), the same metrics again with the spectrally filtered projections, prefixed
-"iso_": the filter is applied in memory to the encoder's params, so one run reports both.
+Metrics (percent): i2i_map, i2i_map_at_r, i2i_p_at_r, i2i_r1 and t2t_* likewise. A parameter
+filter of the method registry (methods.param_filters(); the spectral band filter of
+methods/, options `iso_variant` / `iso_image_band` / `iso_text_band`) whose options
+the config sets adds the same metrics again with the filtered parameters, under the filter's
+prefix ("iso_"): the filter is applied in memory to the encoder's params, so one run reports
+both.
 """
 
 from __future__ import annotations
@@ -28,20 +30,18 @@ from typing import Any
 
 import numpy as np
 
+from beta_clip_jax import methods
 from beta_clip_jax.evals import readers
 from beta_clip_jax.evals.base import Evaluator, cfg_get, embed_images, embed_texts
+from beta_clip_jax.evals.metrics import image_to_image, text_to_text
 
 METRICS = ("map", "map_at_r", "p_at_r", "r1")
-
-
-def _band(value):
-    return None if value is None else tuple(int(v) for v in value)
 
 
 class IntraModalEvaluator(Evaluator):
     """Config: image_root, gallery_root, json_path, split ("test"), captions_per_image (5),
     image_mode ("crop"); synthetic: num_classes (32), per_class (4), num_scenes (64),
-    captions_per_scene (3), seed (0); IsoCLIP: iso_variant, iso_image_band, iso_text_band.
+    captions_per_scene (3), seed (0); and the options of the registry's parameter filters.
     max_examples caps the number of images / caption groups.
     """
 
@@ -50,12 +50,12 @@ class IntraModalEvaluator(Evaluator):
     def __init__(self, name: str, cfg: Any, image_size: int | None = None):
         super().__init__(name, cfg, image_size)
         self.image_mode = cfg_get(cfg, "image_mode", "crop")
-        self.iso_variant = cfg_get(cfg, "iso_variant", None)
-        self.iso_bands = (
-            _band(cfg_get(cfg, "iso_image_band")),
-            _band(cfg_get(cfg, "iso_text_band")),
-        )
-        self.use_iso = bool(self.iso_variant or any(self.iso_bands))
+        # The parameter filters whose options this config sets, with those options.
+        self.filters = []
+        for param_filter in methods.param_filters():
+            options = {k: cfg_get(cfg, k, None) for k in param_filter.options}
+            if any(v is not None for v in options.values()):
+                self.filters.append((param_filter, options))
         image_root = cfg_get(cfg, "image_root", "")
         json_path = cfg_get(cfg, "json_path", "")
         self.synthetic = not image_root and not json_path
@@ -108,26 +108,24 @@ class IntraModalEvaluator(Evaluator):
         return embed_images(encoder, load, len(images), self.batch_size)
 
     def run(self, encoder) -> dict[str, float]:
-        from beta_clip_jax.methods import isoclip
-
         size = int(encoder.image_size or self.image_size_hint)
         query, gallery = self._image_sets(size)
         encoders = [("", encoder)]
-        if self.use_iso:
-            encoders.append(("iso_", isoclip_encoder(encoder, self.iso_variant, *self.iso_bands)))
+        for param_filter, options in self.filters:
+            encoders.append((param_filter.prefix, filtered_encoder(encoder, param_filter, options)))
         out: dict[str, float] = {}
         for prefix, enc in encoders:
             if query is not None:
                 emb = self._embed_images(enc, query[0], size)
                 if gallery is None:
-                    res = isoclip.image_to_image(emb, query[1])
+                    res = image_to_image(emb, query[1])
                 else:
                     g_emb = self._embed_images(enc, gallery[0], size)
-                    res = isoclip.image_to_image(emb, query[1], g_emb, gallery[1])
+                    res = image_to_image(emb, query[1], g_emb, gallery[1])
                 out.update({f"{prefix}i2i_{k}": float(res[k]) for k in METRICS})
             if self.texts is not None:
                 captions, owners = self.texts
-                res = isoclip.text_to_text(embed_texts(enc, captions, self.batch_size), owners)
+                res = text_to_text(embed_texts(enc, captions, self.batch_size), owners)
                 out.update({f"{prefix}t2t_{k}": float(res[k]) for k in METRICS})
         return out
 
@@ -160,26 +158,26 @@ def _class_folder(root: str, limit: int | None, classes: list[str] | None = None
     return paths, np.asarray(labels, np.int64), names
 
 
-def isoclip_encoder(encoder, variant=None, image_band=None, text_band=None):
-    """A copy of `encoder` whose two projections are IsoCLIP-filtered (intra-modal use only).
+def filtered_encoder(encoder, param_filter, options):
+    """A copy of `encoder` with `param_filter` applied to its params (intra-modal use only).
 
-    Sharded (multi-host) kernels are gathered for the SVD and put back with their sharding.
+    Sharded (multi-host) kernels at the filter's paths are gathered for it and put back with
+    their sharding.
     """
     import jax
 
     from beta_clip_jax.api import Encoder
-    from beta_clip_jax.methods.isoclip import IMAGE_PROJ_PATH, TEXT_PROJ_PATH, filter_checkpoint
 
     params = dict(encoder.params)
     originals = {}
-    for path in (IMAGE_PROJ_PATH, TEXT_PROJ_PATH):
+    for path in param_filter.paths:
         tower = dict(params[path[0]])
         leaf = dict(tower[path[1]])
         originals[path] = leaf["kernel"]
         leaf["kernel"] = _host(leaf["kernel"])
         tower[path[1]] = leaf
         params[path[0]] = tower
-    filtered, _ = filter_checkpoint(params, variant, image_band=image_band, text_band=text_band)
+    filtered = param_filter.apply(params, options)
     for path, old in originals.items():
         new = np.asarray(filtered[path[0]][path[1]]["kernel"], np.float32)
         if isinstance(old, jax.Array):

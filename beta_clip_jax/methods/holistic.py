@@ -11,32 +11,38 @@ docs/methods.md has the options, commands and caveats. Pieces:
   and projection applied to each branch's CLS output:
   * CLS form: `MultiClassTokens` prepends K class tokens; every block then uses
     `cls_attention_mask` so CLS i never attends to CLS j; the ViT returns rows 0..K-1.
-  * MLP form: the last n blocks become `BranchedBlock`s: the token stream [B, L, W] is copied
-    into K streams [B, K, L, W] (`split_branches`); LN, attention and the first MLP layer are
-    shared, the second MLP layer (`fc2`) is per branch; each stream attends only within itself.
-    Parameter names match models/layers.py's ResidualBlock, so `branched_block_params` turns a
-    pretrained block into a branched one (fc2 tiled K times).
+  * MLP form: in the last n blocks the token stream [B, L, W] is copied into K streams
+    [B, K, L, W] (`split_branches`); LN, attention and the first MLP layer are shared, the
+    second MLP layer (`fc2`, `BranchedDense`) is per branch; each stream attends only within
+    itself. The blocks are the tower's own ResidualBlock with that fc2, so a pretrained block
+    becomes a branched one by tiling its fc2 K times (`complete_params`).
+- `HolisticModel` / `HolisticVisionTower` put these into the model: the tower is the plain
+  VisionTower with its `extra_rows` (CLS form) or `trunk` (MLP form) stage replaced, so every
+  other parameter keeps its name and pretrained weights load unchanged.
 - Inference fuses branches by averaging per-branch cosine logits (`fused_logits`); equivalently
   score texts against `fuse_branches` (the mean of the L2-normalised branch embeddings, kept
   unnormalised). `branches=` selects a subset (the paper's embedding customisation).
 """
 
-from collections.abc import Sequence
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from beta_clip_jax.models.layers import LayerNorm, logical_init, quick_gelu
+from beta_clip_jax.losses import cal
+from beta_clip_jax.methods import holistic_model
+from beta_clip_jax.methods.holistic_model import (  # noqa: F401  (the method's public names)
+    MODEL_DEFAULTS,
+    HolisticModel,
+    MultiClassTokens,
+    _unit,
+    cls_attention_bias,
+    cls_attention_mask,
+    fuse_branches,
+    fused_logits,
+    split_branches,
+)
+from beta_clip_jax.methods.registry import LockLayout, Method, register
 
 _NEG = -1e9  # finite "minus infinity" for padded columns (see smartclip._NEG)
-_F32 = jnp.float32
-
-
-def _unit(x):
-    x = jnp.asarray(x)
-    x = x.astype(jnp.result_type(_F32, x.dtype))
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def branch_assignment(image, text, pairing: str = "auto"):
@@ -125,164 +131,90 @@ def m2m_loss(
     return loss, metrics
 
 
-def _select(image, branches: Sequence[int] | None):
-    return image if branches is None else image[:, jnp.asarray(branches)]
+# ---- the method ------------------------------------------------------------------------------
 
 
-def fuse_branches(image, branches: Sequence[int] | None = None):
-    """[N, K, E] -> [N, E]: mean of the L2-normalised branches, not renormalised.
-
-    Its dot product with a unit text vector is the mean of the per-branch cosines, which is the
-    paper's fusion; renormalising would change image rankings for a fixed text.
-    """
-    return _unit(_select(image, branches)).mean(axis=1)
-
-
-def fused_logits(image, text, *, mode: str = "mean", branches: Sequence[int] | None = None):
-    """Cosine logits [N, T] from branch embeddings [N, K, E] and texts [T, E], mean or max."""
-    per_branch = jnp.einsum("nke,te->nkt", _unit(_select(image, branches)), _unit(text))
-    if mode == "mean":
-        return per_branch.mean(axis=1)
-    if mode == "max":
-        return per_branch.max(axis=1)
-    raise ValueError(f"unknown branch fusion {mode!r}; expected 'mean' or 'max'")
-
-
-# ---- CLS form ---------------------------------------------------------------------------
+def holistic_objective(outputs, valid, loss_cfg, step, scale):
+    """The multi-to-multi loss: K image branches vs the caption + sentence slots, alone (the
+    global InfoNCE is only logged)."""
+    _, metrics = cal.global_loss(outputs, loss_cfg, scale)
+    text = outputs["sentence_text"]
+    cfg = loss_cfg.get("holistic") or {}
+    loss, m_x = m2m_loss(
+        outputs["image_branches"],
+        text,
+        scale,
+        valid[:, : text.shape[1]],
+        pairing=cfg.get("pairing", "auto"),
+        diversity_margin=cfg.get("diversity_margin", 0.7),
+        diversity_weight=cfg.get("diversity_weight", 1.0),
+    )
+    return loss, {**metrics, **m_x}
 
 
-class MultiClassTokens(nn.Module):
-    """Patch tokens [B, P, W] (positions already added) -> [B, K + P, W], K class tokens first.
+def _check_model(c) -> list[str]:
+    errors = []
+    if c.image_branches < 1:
+        errors.append(f"image_branches={c.image_branches} (at least 1)")
+    if c.branch_type not in holistic_model.BRANCH_TYPES:
+        errors.append(f"branch_type={c.branch_type!r} (allowed {holistic_model.BRANCH_TYPES})")
+    if c.branch_cls_attention not in holistic_model.CLS_ATTENTION:
+        errors.append(f"branch_cls_attention={c.branch_cls_attention!r} (allowed block, bias)")
+    if c.branch_type == "mlp" and not 1 <= c.branch_layers <= c.vision_layers:
+        errors.append(f"branch_layers={c.branch_layers} outside [1, {c.vision_layers}]")
+    return errors
 
-    Replaces the ViT's single class token and its positional row 0: `class_embedding` [K, W] and
-    `class_positional_embedding` [K, W] (from a pretrained CLIP, K copies of each).
-    """
 
-    num_branches: int
+def _branched(model_cfg) -> bool:
+    return int(model_cfg.get("image_branches", 1)) > 1 and model_cfg.get("branch_type") == "mlp"
 
-    @nn.compact
-    def __call__(self, patches):
-        b, _, w = patches.shape
-        shape = (self.num_branches, w)
-        cls = self.param(
-            "class_embedding", logical_init(nn.initializers.normal(w**-0.5), (None, "embed")), shape
+
+def _check_lock(optim_cfg, model_cfg, locked: dict) -> None:
+    """The branched blocks start as copies: frozen, the branches could never differ."""
+    if _branched(model_cfg) and "visual" in locked and locked["visual"] < model_cfg.branch_layers:
+        raise ValueError(
+            f"optim.lock_image with Holistic 'mlp' branches needs optim.lock_image_unlocked_"
+            f"blocks >= model.branch_layers={model_cfg.branch_layers} (got {locked['visual']}): "
+            "the branched blocks start as copies and, frozen, the branches could never differ"
         )
-        pos = self.param(
-            "class_positional_embedding",
-            logical_init(nn.initializers.normal(w**-0.5), (None, "embed")),
-            shape,
-        )
-        tokens = jnp.broadcast_to((cls + pos).astype(patches.dtype), (b, *shape))
-        return jnp.concatenate([tokens, patches], axis=1)
 
 
-def cls_attention_mask(num_branches: int, length: int):
-    """bool [1, 1, L, L], True = may attend: CLS i sees itself and the patches, not CLS j.
-
-    Patches attend to every token. Shaped for jax.nn.dot_product_attention's `mask`.
-    """
-    idx = jnp.arange(length)
-    both_cls = (idx[:, None] < num_branches) & (idx[None, :] < num_branches)
-    return ~(both_cls & (idx[:, None] != idx[None, :]))[None, None]
-
-
-def cls_attention_bias(num_branches: int, length: int):
-    """float32 [1, 1, L, L]: the released code's effective mask, +1 on CLS i -> CLS j logits.
-
-    The code meant to block those pairs but cast its boolean mask to an additive float one;
-    use this (as `bias=`) only to reproduce its numbers.
-    """
-    return (~cls_attention_mask(num_branches, length)).astype(_F32)
+def _export_refusal(cfg) -> str | None:
+    if cfg.image_branches <= 1:
+        return None
+    # Both forms have several image embeddings per image (K class tokens, or K fc2 kernels in
+    # the last blocks): a Hugging Face CLIPModel has room for one.
+    return (
+        f"a Holistic CLIP model with {cfg.image_branches} image branches "
+        f"(branch_type={cfg.branch_type!r}) has no Hugging Face CLIPModel form; load the "
+        "workdir with beta_clip_jax.api.load, which fuses the branches"
+    )
 
 
-# ---- MLP form ---------------------------------------------------------------------------
-
-
-def split_branches(x, num_branches: int):
-    """Token stream [B, L, W] -> K identical streams [B, K, L, W] (input of the first branch)."""
-    return jnp.broadcast_to(x[:, None], (x.shape[0], num_branches, *x.shape[1:]))
-
-
-class BranchedMLP(nn.Module):
-    """[B, K, L, W] -> [B, K, L, W]: shared `fc1`, QuickGELU, per-branch `fc2` ([K, 4W, W])."""
-
-    num_branches: int
-    dtype: jnp.dtype = _F32
-
-    @nn.compact
-    def __call__(self, x):
-        e = x.shape[-1]
-        h = nn.Dense(
-            4 * e,
-            dtype=self.dtype,
-            param_dtype=_F32,
-            kernel_init=logical_init(nn.initializers.normal((2 * e) ** -0.5), ("embed", "mlp")),
-            bias_init=logical_init(nn.initializers.zeros_init(), ("mlp",)),
-            name="fc1",
-        )(x)
-        h = quick_gelu(h)
-        fc2 = {
-            "kernel": logical_init(nn.initializers.normal(e**-0.5), (None, "mlp", "embed")),
-            "bias": logical_init(nn.initializers.zeros_init(), (None, "embed")),
-        }
-        kernel = self.param("fc2_kernel", fc2["kernel"], (self.num_branches, 4 * e, e))
-        bias = self.param("fc2_bias", fc2["bias"], (self.num_branches, e))
-        y = jnp.einsum("bkld,kde->bkle", h.astype(self.dtype), kernel.astype(self.dtype))
-        return y.astype(_F32) + bias[None, :, None, :]
-
-
-class BranchedBlock(nn.Module):
-    """Pre-LN residual block on K streams [B, K, L, W]; only the MLP's `fc2` is per branch.
-
-    Attention weights are shared and each stream attends within itself (full attention, as in
-    the ViT's ordinary blocks).
-    """
-
-    heads: int
-    num_branches: int
-    dtype: jnp.dtype = _F32
-
-    @nn.compact
-    def __call__(self, x):
-        b, k, length, e = x.shape
-        dh = e // self.heads
-        std = e**-0.5
-        y = LayerNorm(name="ln_1")(x).reshape(b * k, length, e)
-
-        def heads_proj(name):
-            return nn.DenseGeneral(
-                (self.heads, dh),
-                dtype=self.dtype,
-                param_dtype=_F32,
-                kernel_init=logical_init(nn.initializers.normal(std), ("embed", "heads", "kv")),
-                bias_init=logical_init(nn.initializers.zeros_init(), ("heads", "kv")),
-                name=name,
-            )(y)
-
-        ctx = jax.nn.dot_product_attention(
-            heads_proj("query"), heads_proj("key"), heads_proj("value")
-        )
-        o = nn.DenseGeneral(
-            e,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            param_dtype=_F32,
-            kernel_init=logical_init(nn.initializers.normal(std), ("heads", "kv", "embed")),
-            bias_init=logical_init(nn.initializers.zeros_init(), ("embed",)),
-            name="out",
-        )(ctx)
-        x = x + o.astype(_F32).reshape(b, k, length, e)
-        y = LayerNorm(name="ln_2")(x)
-        return x + BranchedMLP(self.num_branches, self.dtype, name="mlp")(y)
-
-
-def branched_block_params(block_params, num_branches: int):
-    """A pretrained ResidualBlock's params -> BranchedBlock params (fc2 tiled K times)."""
-    out = {key: block_params[key] for key in ("ln_1", "query", "key", "value", "out", "ln_2")}
-    fc2 = block_params["fc2"]
-    out["mlp"] = {
-        "fc1": block_params["fc1"],
-        "fc2_kernel": jnp.broadcast_to(fc2["kernel"], (num_branches, *fc2["kernel"].shape)),
-        "fc2_bias": jnp.broadcast_to(fc2["bias"], (num_branches, *fc2["bias"].shape)),
-    }
-    return out
+METHOD = register(
+    Method(
+        name="holistic",
+        loss=holistic_objective,
+        title="Holistic CLIP",
+        summary="CLIP fine-tuned with Holistic CLIP's multi-to-multi loss over several image "
+        "branches",
+        model_class=HolisticModel,
+        outputs=("sentence_text", "image_branches"),
+        model_defaults=MODEL_DEFAULTS,
+        loss_defaults={"pairing": "auto", "diversity_margin": 0.7, "diversity_weight": 1.0},
+        check_model=_check_model,
+        claims_model=lambda c: [f"image_branches={c.image_branches}"] * (c.image_branches > 1),
+        complete_params=holistic_model.complete_params,
+        # One branch is the plain model; several are part of inference (fused).
+        inference_model=lambda cfg: "holistic" if cfg.image_branches > 1 else "beta_clip",
+        # The class tokens start as copies of the class token and differ only by what they
+        # learn, so they train even in a locked tower.
+        lock_layout=LockLayout(
+            stacked_blocks={"visual": ("branch_blocks",)},
+            always_train={"visual": frozenset({"branch_tokens"})},
+        ),
+        check_lock=_check_lock,
+        packed_texts=False,
+        export_refusal=_export_refusal,
+    )
+)

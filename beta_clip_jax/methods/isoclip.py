@@ -11,7 +11,8 @@ Filtered kernels are for image->image and text->text similarity only: cross-moda
 keep the original kernels. The SVD runs once on the host in float64, outside jit.
 
 Also here: the published bands (`BANDS`), `apply_isoclip` / `filter_checkpoint` on a params
-tree, and the intra-modal retrieval metrics (mAP, mAP@R, P@R, R@1) as NumPy functions.
+tree, and `PARAM_FILTER`, which lets the intra-modal evaluator (evals/intramodal.py) report the
+filtered scores beside the plain ones (its options iso_variant, iso_image_band, iso_text_band).
 """
 
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
+
+from beta_clip_jax.methods.registry import ParamFilter, register_filter
 
 # (k_top, k_bottom) per OpenAI backbone and modality, from the official scripts.
 BANDS = {
@@ -179,66 +182,26 @@ def apply_isoclip(
     return out
 
 
-# ---- intra-modal retrieval metrics (NumPy) -------------------------------------------------
+def _band(value):
+    return None if value is None else tuple(int(v) for v in value)
 
 
-def _unit(x):
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+def _filter_from_options(params, options):
+    filtered, _ = filter_checkpoint(
+        params,
+        options.get("iso_variant"),
+        image_band=_band(options.get("iso_image_band")),
+        text_band=_band(options.get("iso_text_band")),
+    )
+    return filtered
 
 
-def retrieval_metrics(query, query_labels, gallery, gallery_labels, *, same_set=False, chunk=256):
-    """Cosine retrieval, relevant = same label -> percent {map, map_at_r, p_at_r, r1}.
-
-    `same_set`: the query set is the gallery (query i is gallery item i) and each query is
-    removed from its own gallery. AP averages precision at each relevant rank over all R
-    relevant items; mAP@R and P@R look at the top R ranks only. Queries with no relevant item
-    are skipped. Ties rank in gallery order.
-    """
-    q, g = _unit(query), _unit(gallery)
-    q_lab, g_lab = np.asarray(query_labels), np.asarray(gallery_labels)
-    if same_set and len(q) != len(g):
-        raise ValueError("same_set needs the queries to be the gallery")
-    ranks = np.arange(1, len(g) + 1)
-    sums = {"map": 0.0, "map_at_r": 0.0, "p_at_r": 0.0, "r1": 0.0}
-    counted = 0
-    for start in range(0, len(q), chunk):
-        sim = q[start : start + chunk] @ g.T
-        rel = q_lab[start : start + chunk, None] == g_lab[None, :]
-        if same_set:
-            rows = np.arange(sim.shape[0])
-            sim[rows, start + rows] = -np.inf  # ranks last and is not relevant
-            rel[rows, start + rows] = False
-        order = np.argsort(-sim, axis=1, kind="stable")
-        hits = np.take_along_axis(rel, order, axis=1)
-        n_rel = hits.sum(1)
-        keep = n_rel > 0
-        hits, n_rel = hits[keep], n_rel[keep]
-        prec = np.cumsum(hits, axis=1) / ranks
-        in_top_r = ranks[None, :] <= n_rel[:, None]
-        sums["map"] += float(((prec * hits).sum(1) / n_rel).sum())
-        sums["map_at_r"] += float(((prec * hits * in_top_r).sum(1) / n_rel).sum())
-        sums["p_at_r"] += float(((hits * in_top_r).sum(1) / n_rel).sum())
-        sums["r1"] += float(hits[:, 0].sum())
-        counted += int(keep.sum())
-    return {k: 100.0 * v / max(counted, 1) for k, v in sums.items()}
-
-
-def image_to_image(embeddings, labels, gallery=None, gallery_labels=None, **kwargs):
-    """Image->image retrieval by class; without a gallery, each image queries all the others."""
-    if gallery is None:
-        return retrieval_metrics(embeddings, labels, embeddings, labels, same_set=True, **kwargs)
-    return retrieval_metrics(embeddings, labels, gallery, gallery_labels, **kwargs)
-
-
-def text_to_text(embeddings, image_ids, **kwargs):
-    """Text->text retrieval: each image's first caption queries the remaining captions.
-
-    Relevant = the other captions of the same image (the official protocol for Flickr30k,
-    COCO and nocaps). `image_ids` `[N]` gives each caption's image.
-    """
-    image_ids = np.asarray(image_ids)
-    first = np.zeros(len(image_ids), bool)
-    first[np.unique(image_ids, return_index=True)[1]] = True
-    emb = np.asarray(embeddings)
-    return retrieval_metrics(emb[first], image_ids[first], emb[~first], image_ids[~first], **kwargs)
+PARAM_FILTER = register_filter(
+    ParamFilter(
+        name="isoclip",
+        prefix="iso_",
+        options=("iso_variant", "iso_image_band", "iso_text_band"),
+        paths=(IMAGE_PROJ_PATH, TEXT_PROJ_PATH),
+        apply=_filter_from_options,
+    )
+)

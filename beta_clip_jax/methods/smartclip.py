@@ -36,7 +36,12 @@ available; secondary sources describe the loss in words):
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
+from beta_clip_jax.losses import cal
+from beta_clip_jax.methods.registry import Method, register
+from beta_clip_jax.models.clip import BetaCLIP
 from beta_clip_jax.models.layers import LayerNorm, logical_init
 
 # A finite "minus infinity" for masked logits: fully masked rows stay finite (they carry zero
@@ -195,3 +200,132 @@ def smartclip_loss(
         "smartclip_unused_dims": unused.mean(),
     }
     return loss, metrics
+
+
+# ---- the method: model, loss, parameters, optimiser ----------------------------------------
+
+
+class SmartCLIPModel(BetaCLIP):
+    """β-CLIP plus the mask head `smart_mask` over the caption + sentence slots (training only:
+    encode_image / encode_text never use it). Extra outputs: "sentence_text" [B, 1+S, E] and
+    "smart_mask" [B, 1+S, E] (binary forward, straight-through backward)."""
+
+    def add_submodules(self, dtype) -> None:
+        c = self.config
+        self.smart_mask = MaskHead(
+            embed_dim=c.embed_dim, num_heads=c.mask_heads or c.text_heads, dtype=dtype
+        )
+
+    def text_features(self, texts: dict):
+        if "caption" not in texts:
+            raise ValueError("model.method='smartclip' needs unpacked texts (data.pack_texts)")
+        sentences = jnp.concatenate(
+            [_pad_to(texts["caption"][:, None], texts["sentences"].shape[-1]),
+             _pad_to(texts["sentences"], texts["caption"].shape[-1])], axis=1
+        )  # fmt: skip
+        lead = sentences.shape[:-1]
+        sent, intermediates = self.text(sentences.reshape(-1, sentences.shape[-1]))
+        sent = sent.reshape(*lead, sent.shape[-1])
+        states = intermediates["token_states"]
+        mask, _ = self.smart_mask(states.reshape(*lead, *states.shape[1:]), sentences != 0)
+        text = sent
+        if texts["phrases"].shape[1]:
+            text = jnp.concatenate([text, self.encode_text(texts["phrases"])], axis=1)
+        return text, {"sentence_text": sent, "smart_mask": mask}
+
+
+def _pad_to(tokens: jax.Array, length: int) -> jax.Array:
+    """Zero-pads the last axis to `length` (a longer one stays): padding after the EOT changes no
+    embedding under causal attention and EOT pooling."""
+    extra = length - tokens.shape[-1]
+    if extra <= 0:
+        return tokens
+    return jnp.pad(tokens, [(0, 0)] * (tokens.ndim - 1) + [(0, extra)])
+
+
+def smartclip_objective(outputs, valid, loss_cfg, step, scale):
+    """SmartCLIP's modular contrastive + sparsity loss over the caption + sentence slots, alone
+    (the global InfoNCE is only logged)."""
+    _, metrics = cal.global_loss(outputs, loss_cfg, scale)
+    text = outputs["sentence_text"]
+    cfg = loss_cfg.get("smartclip") or {}
+    loss, m_x = smartclip_loss(
+        outputs["image"],
+        text,
+        outputs["smart_mask"],
+        scale,
+        valid[:, : text.shape[1]],
+        align_weight=cfg.get("align_weight", 0.5),
+        sparse_weight=cfg.get("sparse_weight", 0.1),
+    )
+    return loss, {**metrics, **m_x}
+
+
+def _complete(params: dict, model, rng) -> dict:
+    """A tree without the mask head gets a fresh one (every mask starts all-ones)."""
+    if "smart_mask" in params:
+        return params
+    c = model.config
+    head = MaskHead(embed_dim=c.embed_dim, num_heads=c.mask_heads or c.text_heads)
+    dummy = jnp.zeros((1, 1, 4, c.text_width), jnp.float32)
+    init = jax.jit(head.init)(rng, dummy, jnp.ones((1, 1, 4), bool))["params"]
+    return {**params, "smart_mask": jax.tree.map(np.asarray, nn.unbox(init))}
+
+
+def _check_model(c) -> list[str]:
+    heads = c.mask_heads or c.text_heads
+    if heads < 1 or c.text_width % heads:
+        return [f"text_width={c.text_width} is not divisible by mask_heads={heads}"]
+    return []
+
+
+def delay_subtree(name: str, steps: int) -> optax.GradientTransformation:
+    """Zeroes the updates of params[name] for the first `steps` optimiser steps."""
+
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        if name in updates:
+            on = (state.count >= steps).astype(jnp.float32)
+            delayed = jax.tree.map(lambda u: u * on.astype(u.dtype), updates[name])
+            updates = {**updates, name: delayed}
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _optimizer_parts(optim_cfg) -> list:
+    delay = int(optim_cfg.get("mask_delay_steps", 0) or 0)
+    # Only then: the optimiser state of every other run stays as it was.
+    return [delay_subtree("smart_mask", delay)] if delay > 0 else []
+
+
+METHOD = register(
+    Method(
+        name="smartclip",
+        loss=smartclip_objective,
+        title="SmartCLIP",
+        summary=(
+            "CLIP fine-tuned with SmartCLIP's modular contrastive loss over caption and "
+            "sentences through a caption-conditioned mask head (training only; not part of "
+            "the export)"
+        ),
+        model_class=SmartCLIPModel,
+        outputs=("sentence_text", "smart_mask"),
+        model_defaults={"mask_heads": 0},  # mask head attention heads (0: text_heads)
+        loss_defaults={"align_weight": 0.5, "sparse_weight": 0.1},
+        # The mask head's updates are zero for this many steps, so a run from scratch first
+        # trains plain CLIP (masks start all-ones) before masks may sparsify.
+        optim_defaults={"mask_delay_steps": 0},
+        check_model=_check_model,
+        complete_params=_complete,
+        strip_params=("smart_mask",),
+        # The paper's 1e-3 for the mask net equals the pooler's pooler_lr.
+        head_subtrees=frozenset({"smart_mask"}),
+        optimizer_parts=_optimizer_parts,
+        packed_texts=False,
+    )
+)

@@ -117,13 +117,11 @@ class ResidualBlock(nn.Module):
     vision block, where the first `num_cls` rows (CLS) attend to all tokens and every other row
     takes the value-only path a_p = W_o (W_v u_p + b_v) + b_o (no token mixing), so patch tokens
     stay local. `attn` (optional, broadcastable to [B, heads, L, L]) is a boolean mask (True =
-    may attend) or an additive float bias (Holistic CLIP's multi-CLS attention).
-    `branches` = K > 0 (Holistic CLIP's MLP form): x is [B, K, L, W], K streams that share every
-    weight and attend only within themselves, except the MLP's second layer: `fc2` then holds
-    one kernel [K, M, W] and bias [K, W] per branch (a plain block's fc2 tiled K times is the
-    same block run K times).
+    may attend) or an additive float bias (a method's attention pattern between CLS rows).
     The MLP is W -> M -> W with M = `mlp_dim` (0: 4W, OpenAI's) and `activation` between (a key
-    of ACTIVATIONS); both LayerNorms use `eps`.
+    of ACTIVATIONS); both LayerNorms use `eps`. `mlp_out` builds the MLP's second layer "fc2":
+    None is a Dense M -> W; a method may pass its own factory `(features, dtype, std, name) ->
+    module` (one that keeps the name "fc2", so pretrained weights still map onto it).
     With `carry=True` the call signature is (x, attn) -> (x, None), the form nn.scan wants.
     """
 
@@ -133,7 +131,7 @@ class ResidualBlock(nn.Module):
     dtype: Any = _F32
     carry: bool = False
     num_cls: int = 1
-    branches: int = 0
+    mlp_out: Any = None
     attention: str = "auto"
     mlp_dim: int = 0
     activation: str = "quick_gelu"
@@ -145,9 +143,6 @@ class ResidualBlock(nn.Module):
         act = activation_fn(self.activation)
         dh = e // h
         std = e**-0.5
-        stream_shape = x.shape
-        if self.branches:
-            x = x.reshape((-1,) + x.shape[2:])  # streams become batch rows
 
         y = LayerNorm(self.eps, name="ln_1")(x)
         q = _heads_proj("query", h, dh, cd, std)(y)
@@ -200,45 +195,22 @@ class ResidualBlock(nn.Module):
             bias_init=logical_init(nn.initializers.zeros_init(), ("mlp",)),
             name="fc1",
         )(y)
-        if self.branches:
-            x = x.reshape(stream_shape)
-            y = BranchedDense(e, cd, std, name="fc2")(act(y).reshape(*stream_shape[:3], -1))
-            x = x + y.astype(_F32)
-            x = constrain(x, ("batch", None, "length", None))
-        else:
-            y = nn.Dense(
-                e,
-                dtype=cd,
-                param_dtype=_F32,
-                kernel_init=logical_init(nn.initializers.normal(std), ("mlp", "embed")),
-                bias_init=logical_init(nn.initializers.zeros_init(), ("embed",)),
-                name="fc2",
-            )(act(y))
-            x = x + y.astype(_F32)
-            x = constrain(x, ("batch", "length", None))
+        y = (self.mlp_out or mlp_out_dense)(e, cd, std, "fc2")(act(y))
+        x = x + y.astype(_F32)
+        x = constrain(x, ("batch", "length", None))
         return (x, None) if self.carry else x
 
 
-class BranchedDense(nn.Module):
-    """[B, K, L, D] -> [B, K, L, F]: one Dense per branch (kernel [K, D, F], bias [K, F])."""
-
-    features: int
-    dtype: Any = _F32
-    std: float = 0.02
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        k, d = x.shape[1], x.shape[-1]
-        kernel = self.param(
-            "kernel",
-            logical_init(nn.initializers.normal(self.std), (None, "mlp", "embed")),
-            (k, d, self.features),
-        )
-        bias = self.param(
-            "bias", logical_init(nn.initializers.zeros_init(), (None, "embed")), (k, self.features)
-        )
-        y = jnp.einsum("bkld,kdf->bklf", x.astype(self.dtype), kernel.astype(self.dtype))
-        return y.astype(_F32) + bias[None, :, None, :]
+def mlp_out_dense(features: int, dtype: Any, std: float, name: str) -> nn.Dense:
+    """The MLP's second layer M -> W, OpenAI's layout (ResidualBlock's default `mlp_out`)."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=_F32,
+        kernel_init=logical_init(nn.initializers.normal(std), ("mlp", "embed")),
+        bias_init=logical_init(nn.initializers.zeros_init(), ("embed",)),
+        name=name,
+    )
 
 
 def block_stack(
@@ -251,7 +223,7 @@ def block_stack(
     scan_layers: bool,
     remat: str,
     name: str = "blocks",
-    branches: int = 0,
+    mlp_out: Any = None,
     attention: str = "auto",
     mlp_dim: int = 0,
     activation: str = "quick_gelu",
@@ -262,7 +234,7 @@ def block_stack(
     Always built with nn.scan so the parameter tree is the same in both modes; scan_layers=False
     unrolls the loop fully (no while loop in the compiled program), which can be faster to run
     and slower to compile. Returns a module called as `x, _ = stack(x, attn)` (attn: None or the
-    blocks' shared attention mask / bias, see ResidualBlock).
+    blocks' shared attention mask / bias, see ResidualBlock; `mlp_out` likewise).
     """
     block_cls = ResidualBlock
     use_remat, policy = remat_policy(remat)
@@ -284,7 +256,7 @@ def block_stack(
         mode=mode,
         dtype=dtype,
         carry=True,
-        branches=branches,
+        mlp_out=mlp_out,
         attention=attention,
         mlp_dim=mlp_dim,
         activation=activation,

@@ -24,10 +24,10 @@ from beta_clip_jax.models.layers import (
 
 
 class TextTower(nn.Module):
-    """tokens int32 [N, L] -> [N, E], the projected hidden state at the first EOT (argmax id).
-
-    With `return_tokens=True` -> ([N, E], [N, L, W]): also every token's last hidden state after
-    ln_final, before the projection (SmartCLIP's mask head reads them).
+    """tokens int32 [N, L] -> ([N, E], intermediates): the projected hidden state at the first
+    EOT (argmax id), and {"token_states": [N, L, W]}, every token's last hidden state after
+    ln_final, before the projection (for a method that reads per-token states; under jit an
+    unused value costs nothing).
     """
 
     vocab_size: int
@@ -49,13 +49,12 @@ class TextTower(nn.Module):
     def __call__(
         self,
         tokens: jax.Array,
-        return_tokens: bool = False,
         *,
         segments: jax.Array | None = None,
         positions: jax.Array | None = None,
         eot: jax.Array | None = None,
     ):
-        """Unpacked: tokens [N, L] -> [N, E], each row read at its argmax id.
+        """Unpacked: tokens [N, L] -> ([N, E], intermediates), each row read at its argmax id.
 
         Packed (`segments` given; data/packing.py): tokens, segments, positions [G, R, L] hold
         the texts of G groups in R rows each, eot [G, T] each text's flat index in its group's
@@ -71,8 +70,6 @@ class TextTower(nn.Module):
             raise ValueError(
                 f"text length {length} exceeds the model's context length {self.context_length}"
             )
-        if packed and return_tokens:
-            raise ValueError("return_tokens needs unpacked texts (per-token states per text)")
         d = self.width
         tok_table = self.param(
             "token_embedding",
@@ -120,18 +117,14 @@ class TextTower(nn.Module):
 
         ln_final = LayerNorm(self.layer_norm_eps, name="ln_final")
         proj = dense_proj(self.embed_dim, self.dtype, d**-0.5, "proj")
+        intermediates = {"token_states": ln_final(x)}
         if packed:
             # Each text is read at its own EOT; LayerNorm is per token, so after the gather.
             flat = x.reshape(lead[0], -1, d)
             x = jnp.take_along_axis(flat, eot[..., None], axis=1)
-            return proj(ln_final(x)).astype(jnp.float32)
+            return proj(ln_final(x)).astype(jnp.float32), intermediates
         # EOT (49407) is the largest id, so argmax finds the first EOT even with zero padding;
         # LayerNorm is per token, so applying it after the gather is the same and cheaper.
         eot = jnp.argmax(tokens, axis=-1)
-        states = ln_final(x) if return_tokens else None
-        if return_tokens:
-            x = jnp.take_along_axis(states, eot[:, None, None], axis=1)[:, 0]
-        else:
-            x = ln_final(jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0])
-        out = proj(x).astype(jnp.float32)
-        return (out, states) if return_tokens else out
+        x = ln_final(jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0])
+        return proj(x).astype(jnp.float32), intermediates

@@ -54,23 +54,15 @@ OPTION_DEFAULTS = {
     # (pooled view = attention-weighted mean of the patch tokens; tried in docs/demo.md).
     "pooler_value_init": "reference",
     "frozen_positions": 20,  # leading text positions kept fixed (Long-CLIP stretching)
-    # Which method's training outputs the model adds (docs/methods.md):
-    #   "beta_clip": none (plain tree); "smartclip": mask head `smart_mask` -> outputs
-    #   smart_mask; "holistic": K image branches -> outputs image_branches, fused CLS.
+    # The training method whose model this is (beta_clip_jax.methods registers them; each adds
+    # its own fields, which resolve_model_config takes as `extra_defaults`).
     "method": "beta_clip",
-    "mask_heads": 0,  # smartclip: mask head attention heads (0: text_heads)
-    "image_branches": 1,  # holistic: K image embeddings per image (1: one CLS, the O2M case)
-    "branch_type": "cls",  # holistic: "cls" (K class tokens) | "mlp" (per-branch fc2)
-    "branch_layers": 3,  # holistic "mlp": how many last vision blocks are branched
-    "branch_cls_attention": "block",  # holistic "cls": "block" | "bias" (released +1 quirk)
     # The towers' MLP activation, one of ACTIVATIONS. "" (unset) resolves to quick_gelu; an
     # importer refuses a checkpoint whose activation it cannot tell while this is unset
     # (convert/__init__.py), rather than guessing.
     "activation": "",
     "layer_norm_eps": 1e-5,  # every LayerNorm of both towers (the pooler keeps its own 1e-5)
 }
-METHODS = ("beta_clip", "smartclip", "holistic")
-BRANCH_TYPES = ("cls", "mlp")
 
 _TABLE_COLUMNS = SHAPE_FIELDS[:8] + ("embed_dim", "pooler_heads")
 
@@ -113,31 +105,27 @@ ATTENTION = ("auto", "xla", "cudnn")
 POOLER_VALUE_INITS = ("reference", "identity")
 
 
-def _unknown_variant(name: str) -> ValueError:
+def unknown_variant(name: str) -> ValueError:
     return ValueError(f"unknown model variant {name!r}; known variants: {', '.join(VARIANTS)}")
 
 
-def model_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
-    """The complete model config of a named variant; overrides of None keep the variant's value."""
-    if variant not in VARIANTS:
-        raise _unknown_variant(variant)
-    return resolve_model_config({"variant": variant, **overrides})
-
-
-# The name docs/CONTRACTS.md uses.
-model_config_for = model_config
-
-
-def resolve_model_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict):
+def resolve_model_config(
+    cfg: Mapping[str, Any] | ml_collections.ConfigDict,
+    extra_defaults: Mapping[str, Any] | None = None,
+):
     """Turns `config.model` (a variant plus optional overrides, None = keep) into a full config.
 
+    `extra_defaults`: more fields and their defaults (the methods' own, which this module does
+    not know; beta_clip_jax.methods.resolve_model_config passes them and checks them).
     A config whose variant is not in VARIANTS is accepted when it sets every shape field itself
     (for example one derived from a checkpoint), so resolving is idempotent.
     """
+    extra = dict(extra_defaults or {})
+    fields = ALL_FIELDS + tuple(f for f in extra if f not in ALL_FIELDS)
     items = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
-    unknown = sorted(set(items) - set(ALL_FIELDS))
+    unknown = sorted(set(items) - set(fields))
     if unknown:
-        raise ValueError(f"unknown model config fields {unknown}; allowed: {list(ALL_FIELDS)}")
+        raise ValueError(f"unknown model config fields {unknown}; allowed: {list(fields)}")
     name = items.get("variant")
     if name in VARIANTS:
         base = dict(VARIANTS[name])
@@ -147,13 +135,14 @@ def resolve_model_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict):
         if missing:
             if name is None:
                 raise ValueError(f"config.model needs a variant; known variants: {list(VARIANTS)}")
-            raise _unknown_variant(str(name))
+            raise unknown_variant(str(name))
         base = {}
     base.update(OPTION_DEFAULTS)
+    base.update(extra)
     base.update({k: v for k, v in items.items() if v is not None})
     base["variant"] = name
     _fill_derived(base)
-    out = ml_collections.ConfigDict({f: base[f] for f in ALL_FIELDS})
+    out = ml_collections.ConfigDict({f: base[f] for f in fields})
     _validate(out)
     return out
 
@@ -203,29 +192,8 @@ def _validate(c: ml_collections.ConfigDict) -> None:
         errors.append(f"vision_layers={c.vision_layers} (the mixed last block needs at least 1)")
     if not 0 <= c.frozen_positions <= c.context_length:
         errors.append(f"frozen_positions={c.frozen_positions} outside [0, {c.context_length}]")
-    errors += _method_errors(c)
     if errors:
         raise ValueError("invalid model config: " + "; ".join(errors))
-
-
-def _method_errors(c: ml_collections.ConfigDict) -> list[str]:
-    errors = []
-    if c.method not in METHODS:
-        errors.append(f"method={c.method!r} (allowed {METHODS})")
-    if c.image_branches < 1:
-        errors.append(f"image_branches={c.image_branches} (at least 1)")
-    elif c.image_branches > 1 and c.method != "holistic":
-        errors.append(f"image_branches={c.image_branches} needs method='holistic'")
-    if c.branch_type not in BRANCH_TYPES:
-        errors.append(f"branch_type={c.branch_type!r} (allowed {BRANCH_TYPES})")
-    if c.branch_cls_attention not in ("block", "bias"):
-        errors.append(f"branch_cls_attention={c.branch_cls_attention!r} (allowed block, bias)")
-    if c.branch_type == "mlp" and not 1 <= c.branch_layers <= c.vision_layers:
-        errors.append(f"branch_layers={c.branch_layers} outside [1, {c.vision_layers}]")
-    heads = c.mask_heads or c.text_heads
-    if c.method == "smartclip" and (heads < 1 or c.text_width % heads):
-        errors.append(f"text_width={c.text_width} is not divisible by mask_heads={heads}")
-    return errors
 
 
 def num_patches(c: ml_collections.ConfigDict) -> int:

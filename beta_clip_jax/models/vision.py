@@ -1,18 +1,15 @@
-"""ViT image tower in OpenAI CLIP layout with beta-CLIP's mixed last block (spec 1.2).
+"""ViT image tower in OpenAI CLIP layout with beta-CLIP's mixed last block.
 
 Blocks 1..L-1 are standard and stacked under "blocks"; block L is the separate module
 "last_block", where CLS keeps full attention and patch rows take the value-only path. ln_post and
 the projection run on all tokens, so one call yields both the standard CLIP image embedding (CLS)
 and projected patch tokens for the pooler and dense evaluation.
 
-Holistic CLIP's K image branches (docs/methods.md), only when `branches` > 1:
-* "cls": K-1 extra class tokens `branch_tokens/{class_embedding, class_positional_embedding}`
-  [K-1, W] follow the original CLS (branch 0); CLS i never attends to CLS j (or, with
-  cls_attention="bias", gets the released code's +1 logit bias instead).
-* "mlp": the last `branch_layers` blocks run K streams with a per-branch `fc2` ([K, M, W]):
-  "blocks" then stacks L - n standard blocks, "branch_blocks" the n - 1 branched ones, and
-  "last_block" is branched too. Patch tokens are the mean of the K streams.
-Every branch ends in the shared ln_post and proj; the first output is then [B, K, E].
+The call runs four stages, each a method a subclass may override while the parameter names stay
+those of this tower (methods/ extend the tower this way): `embed` (patch convolution, class
+token, positions), `extra_rows` (more leading CLS-like rows and an attention pattern; none
+here), `trunk` (ln_pre and the blocks) and `head` (ln_post, projection, split into CLS and
+patches).
 
 `mlp_dim`, `activation` and `layer_norm_eps` default to OpenAI's (4 x width, QuickGELU, 1e-5);
 other CLIPs (LAION's ViT-H/g/bigG) set them; see layers.ResidualBlock.
@@ -24,12 +21,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from beta_clip_jax.methods.holistic import (
-    MultiClassTokens,
-    cls_attention_bias,
-    cls_attention_mask,
-    split_branches,
-)
 from beta_clip_jax.models.layers import (
     LN_EPS,
     LayerNorm,
@@ -43,9 +34,11 @@ from beta_clip_jax.models.layers import (
 
 
 class VisionTower(nn.Module):
-    """images [B, H, W, 3] (float, OpenAI-normalised) -> (cls [B, E], patches [B, P, E]).
+    """images [B, H, W, 3] (float, OpenAI-normalised) -> ((cls, patches), intermediates).
 
-    With branches K > 1 the first output is the K branch embeddings [B, K, E].
+    cls [B, E] and patches [B, P, E] are projected; intermediates holds "last_block_input"
+    [B, L, W], the token states the mixed last block reads (unused values cost nothing under
+    jit). A subclass may give a first output of another shape (e.g. [B, K, E]).
     """
 
     image_size: int
@@ -58,21 +51,27 @@ class VisionTower(nn.Module):
     scan_layers: bool = True
     remat: str = "none"
     attention: str = "auto"
-    branches: int = 1
-    branch_type: str = "cls"
-    branch_layers: int = 3
-    cls_attention: str = "block"
     mlp_dim: int = 0
     activation: str = "quick_gelu"
     layer_norm_eps: float = LN_EPS
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, images: jax.Array):
         b, h, w, _ = images.shape
         if h != self.image_size or w != self.image_size:
             raise ValueError(
                 f"vision tower expects {self.image_size}x{self.image_size} images, got {h}x{w}"
             )
+        x = self.embed(images)
+        x, attn, num_cls = self.extra_rows(x)
+        x = LayerNorm(self.layer_norm_eps, name="ln_pre")(x)
+        x = constrain(x, ("batch", "length", None))
+        x, intermediates = self.trunk(x, attn, num_cls)
+        return self.head(x, num_cls), intermediates
+
+    def embed(self, images: jax.Array) -> jax.Array:
+        """[B, H, W, 3] -> [B, 1 + P, W]: class token then patch tokens, positions added."""
+        b = images.shape[0]
         p, d = self.patch_size, self.width
         scale = d**-0.5
         x = nn.Conv(
@@ -91,7 +90,6 @@ class VisionTower(nn.Module):
         # Row-major grid order, the same as torch's flatten of an NCHW conv output.
         x = x.reshape(b, -1, d).astype(jnp.float32)
         n = x.shape[1]
-
         cls = self.param(
             "class_embedding", logical_init(nn.initializers.normal(scale), ("embed",)), (d,)
         )
@@ -100,59 +98,58 @@ class VisionTower(nn.Module):
             logical_init(nn.initializers.normal(scale), (None, "embed")),
             (n + 1, d),
         )
-        x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1) + pos
-        k_cls = self.branches if self.branches > 1 and self.branch_type == "cls" else 1
-        attn = None
-        if k_cls > 1:
-            extra = MultiClassTokens(k_cls - 1, name="branch_tokens")(x[:, 1:])
-            x = jnp.concatenate([x[:, :1], extra], axis=1)
-            make = cls_attention_mask if self.cls_attention == "block" else cls_attention_bias
-            attn = make(k_cls, x.shape[1])
-        x = LayerNorm(self.layer_norm_eps, name="ln_pre")(x)
-        x = constrain(x, ("batch", "length", None))
+        return jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1) + pos
 
-        k_mlp = self.branches if self.branches > 1 and self.branch_type == "mlp" else 0
-        n_plain = self.layers - 1 if not k_mlp else self.layers - self.branch_layers
-        block = dict(
+    def extra_rows(self, x: jax.Array):
+        """(tokens, attention mask or bias for every block or None, number of CLS rows)."""
+        return x, None, 1
+
+    def block_options(self) -> dict:
+        return dict(
             attention=self.attention,
             mlp_dim=self.mlp_dim,
             activation=self.activation,
             eps=self.layer_norm_eps,
         )
-        stack = dict(dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat, **block)
-        if n_plain > 0:
-            x, _ = block_stack(n_plain, d, self.heads, mode="full", **stack)(x, attn)
-        if k_mlp:
-            x = split_branches(x, k_mlp)
-            if self.branch_layers > 1:
-                x, _ = block_stack(
-                    self.branch_layers - 1,
-                    d,
-                    self.heads,
-                    mode="full",
-                    name="branch_blocks",
-                    branches=k_mlp,
-                    **stack,
-                )(x, None)
-        last_cls = ResidualBlock
+
+    def stack_options(self) -> dict:
+        return dict(
+            dtype=self.dtype,
+            scan_layers=self.scan_layers,
+            remat=self.remat,
+            **self.block_options(),
+        )
+
+    def last_block(self, num_cls: int, **options) -> nn.Module:
+        """The mixed last block "last_block" (remat as the config says)."""
+        block_cls = ResidualBlock
         use_remat, policy = remat_policy(self.remat)
         if use_remat:
-            last_cls = nn.remat(ResidualBlock, policy=policy)
-        x = last_cls(
-            d,
+            block_cls = nn.remat(ResidualBlock, policy=policy)
+        return block_cls(
+            self.width,
             self.heads,
             mode="mixed",
             dtype=self.dtype,
-            num_cls=k_cls,
-            branches=k_mlp,
+            num_cls=num_cls,
             name="last_block",
-            **block,
-        )(x, attn)
+            **self.block_options(),
+            **options,
+        )
 
+    def trunk(self, x: jax.Array, attn, num_cls: int):
+        """The L blocks: L - 1 standard ones stacked under "blocks", then the mixed one."""
+        if self.layers > 1:
+            x, _ = block_stack(
+                self.layers - 1, self.width, self.heads, mode="full", **self.stack_options()
+            )(x, attn)
+        return self.last_block(num_cls)(x, attn), {"last_block_input": x}
+
+    def head(self, x: jax.Array, num_cls: int):
+        """ln_post and the projection on every token -> (CLS rows, patches)."""
         x = LayerNorm(self.layer_norm_eps, name="ln_post")(x)
-        x = dense_proj(self.embed_dim, self.dtype, scale, "proj")(x).astype(jnp.float32)
-        if k_mlp:
-            return x[:, :, 0], x[:, :, 1:].mean(axis=1)
-        if k_cls > 1:
-            return x[:, :k_cls], x[:, k_cls:]
+        proj = dense_proj(self.embed_dim, self.dtype, self.width**-0.5, "proj")
+        x = proj(x).astype(jnp.float32)
+        if num_cls > 1:
+            return x[:, :num_cls], x[:, num_cls:]
         return x[:, 0], x[:, 1:]

@@ -1,4 +1,4 @@
-"""Contrastive losses: β-CAL (CE and BCE), CLIP InfoNCE and SigLIP (baseline).
+"""Contrastive losses: β-CAL (CE and BCE) and the CLIP InfoNCE.
 
 All are pure functions `(...) -> (loss, metrics)` with scalar metrics. Embeddings are L2-normalised
 inside, and all logit, softmax and loss math runs in at least float32 whatever the input dtype
@@ -165,25 +165,3 @@ def clip_loss(image, text, logit_scale, *, gradient="full"):
     loss_it = (jax.nn.logsumexp(rows_i2t, axis=1) - jnp.diagonal(rows_i2t)).mean()
     loss_ti = (jax.nn.logsumexp(rows_t2i, axis=1) - jnp.diagonal(rows_t2i)).mean()
     return 0.5 * (loss_it + loss_ti), _pair_metrics(logits, cos, scale)
-
-
-def siglip_loss(image, text, logit_scale, logit_bias):
-    """SigLIP pairwise sigmoid loss, a baseline: -sum_ij log σ(z_ij (s cos_ij + b)) / B.
-
-    z_ij = +1 on the diagonal, -1 elsewhere. Dividing the sum over all B^2 pairs by B (not B^2)
-    follows the SigLIP paper's convention, so the value is per image, summed over its texts.
-    `logit_scale` is the multiplier s, `logit_bias` the additive bias b.
-    """
-    if image.ndim != 2 or image.shape != text.shape:
-        raise ValueError(f"siglip_loss wants image, text [B,D]; got {image.shape}, {text.shape}")
-    dt = _compute_dtype(image, text)
-    scale = jnp.asarray(logit_scale, dt)
-    bias = jnp.asarray(logit_bias, dt)
-    cos = _normalize(image, dt) @ _normalize(text, dt).T
-    logits = scale * cos + bias
-    b = image.shape[0]
-    z = 2.0 * jnp.eye(b, dtype=dt) - 1.0
-    loss = -jax.nn.log_sigmoid(z * logits).sum() / b
-    metrics = _pair_metrics(logits, cos, scale)
-    metrics["bias"] = bias
-    return loss, metrics

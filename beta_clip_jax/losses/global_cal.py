@@ -1,6 +1,6 @@
 """Global β-CAL: negatives from the whole batch, computed blockwise without any N x N matrix.
 
-`losses.beta_cal` over one group forms the full (BK) x (BK) logits. With `loss.cal_scope =
+`contrastive.beta_cal` over one group forms the full (BK) x (BK) logits. With `loss.cal_scope =
 "global"` the group is the whole (micro-)batch, which is far too big for that on one device, so
 here every device keeps its shard of pooled vectors v and texts t, and the text blocks travel
 round a ring of devices (`jax.lax.ppermute` inside `jax.shard_map` over the batch axes):
@@ -23,7 +23,7 @@ dt accumulator, and ends the round at home with dt complete; each tile's logits 
 then dv += scale ds t, dt += scale ds^T v, dscale += sum ds cos. Each visiting block is cut
 into column chunks of at most `block_size` texts, so a device holds O(n D) (n = its slots) plus
 one (n x chunk) tile, whatever the number of devices: never O(N D), never O(N^2). The value and
-gradient equal `losses.beta_cal` on the whole batch as one group.
+gradient equal `contrastive.beta_cal` on the whole batch as one group.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from beta_clip_jax import losses
+from beta_clip_jax.losses import contrastive
 
 BATCH_AXES = ("data", "fsdp")
-_MASKED = -1e9  # the finite "minus infinity" of losses.beta_cal
+_MASKED = -1e9  # the finite "minus infinity" of contrastive.beta_cal
 
 
 class _Ring(NamedTuple):
@@ -289,10 +289,10 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 def _blockwise(v, t, valid, scale, *, axis, block_size, **kw):
     """Per-device body: v, t [b, K, D] (this device's images), valid [b, K], scale ()."""
     b, k, d = v.shape
-    dt = losses._compute_dtype(v, t)
+    dt = contrastive._compute_dtype(v, t)
     n = b * k
-    v = losses._normalize(v, dt)
-    t = losses._normalize(t, dt)
+    v = contrastive._normalize(v, dt)
+    t = contrastive._normalize(t, dt)
     scale = jnp.asarray(scale, dt)
     ndev = 1 if axis is None else jax.lax.psum(1, axis)
     cfg = _Ring(axis=axis, ndev=ndev, k=k, chunk=_chunk(n, block_size), **kw)
@@ -373,7 +373,8 @@ def global_beta_cal(
 ):
     """β-CAL with the whole batch as one group, blockwise over the devices of the batch axes.
 
-    Same arguments, result and metrics as `losses.beta_cal` (visual, text [B, K, D], valid [B, K],
+    Same arguments, result and metrics as `contrastive.beta_cal` (visual, text [B, K, D],
+    valid [B, K],
     logit_scale the multiplier), plus:
       block_size: most texts per column tile (a divisor of the per-device slot count is used).
       mesh: the mesh (default: the one `jax.set_mesh` installed; none means one device).
@@ -408,7 +409,7 @@ def global_beta_cal(
 
 
 def from_loss_config(pooled, text, valid, scale, loss_cfg):
-    """global_beta_cal with the settings of `config.loss` (objective's cal_scope="global")."""
+    """global_beta_cal with the settings of `config.loss` (loss.cal_scope="global")."""
     return global_beta_cal(
         pooled,
         text,

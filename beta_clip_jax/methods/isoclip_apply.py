@@ -1,9 +1,9 @@
 """Write an IsoCLIP-filtered copy of CLIP weights, for intra-modal retrieval only.
 
-    python -m beta_clip_jax.isoclip_apply --init=hf:PATH --out=DIR --variant=B/16
-    python -m beta_clip_jax.isoclip_apply --init=openai:ViT-B-16.pt --out=DIR \
+    python -m beta_clip_jax.methods.isoclip_apply --init=hf:PATH --out=DIR --variant=B/16
+    python -m beta_clip_jax.methods.isoclip_apply --init=openai:ViT-B-16.pt --out=DIR \
         --image_band=200,50 --text_band=10,50
-    python -m beta_clip_jax.isoclip_apply --init=WORKDIR --out=DIR \
+    python -m beta_clip_jax.methods.isoclip_apply --init=WORKDIR --out=DIR \
         --image_band=12,35 --text_band=1,35
 
 Each projection is filtered with its own modality's band (methods/isoclip.py, `BANDS`; a
@@ -52,7 +52,7 @@ def _export(params, model_cfg, out, init):
     """Writes the export layout into `out`; returns None or why it could not."""
     try:
         from beta_clip_jax.export import export_params
-        from beta_clip_jax.models.clip import inference_params
+        from beta_clip_jax.methods import inference_params
 
         params, cfg = inference_params(params, model_cfg)
         export_params(params, cfg, out, source=f"isoclip_apply {init}")
