@@ -11,15 +11,14 @@ import dataclasses
 import logging
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from beta_clip_jax.convert import import_pretrained, parse_spec
 from beta_clip_jax.data import packing
 from beta_clip_jax.data.transforms import resize_center_crop
-from beta_clip_jax.evals.base import l2_normalize
 from beta_clip_jax.evals.readers import resolve_templates
 from beta_clip_jax.evals.zeroshot import class_embeddings
+from beta_clip_jax.mathutil import l2_normalize
 from beta_clip_jax.models.clip import BetaCLIP, build_model, normalize_images
 
 _log = logging.getLogger(__name__)
@@ -32,10 +31,6 @@ _ROW_STEP = 4
 # Text lengths are trimmed to the smallest of these that holds the batch (then the context
 # length): exact under causal attention with EOT pooling, and it bounds the number of compiles.
 _TEXT_BUCKETS = (16, 32, 64, 128)
-
-
-def _l2(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class Encoder:
@@ -77,22 +72,22 @@ class Encoder:
             cls, patches = model.apply(
                 {"params": p}, normalize_images(images), method="encode_image"
             )
-            return _l2(cls), _l2(patches), patches
+            return l2_normalize(cls), l2_normalize(patches), patches
 
         def encode_text(p, tokens):
-            return _l2(model.apply({"params": p}, tokens, method="encode_text"))
+            return l2_normalize(model.apply({"params": p}, tokens, method="encode_text"))
 
         def encode_packed(p, tokens, segments, positions, eot):
             out = model.apply(
                 {"params": p}, tokens, segments, positions, eot, method="encode_packed_text"
             )
-            return _l2(out)
+            return l2_normalize(out)
 
         def pool(p, images, tokens):
             _, patches = model.apply({"params": p}, normalize_images(images), method="encode_image")
             text = model.apply({"params": p}, tokens, method="encode_text")
             pooled, attn = model.apply({"params": p}, text[:, None], patches, method="pool")
-            return _l2(pooled[:, 0]), attn[:, :, 0]
+            return l2_normalize(pooled[:, 0]), attn[:, :, 0]
 
         # One compiled function per input kind; callers pick an output, the rest stays on device.
         self._image = jax.jit(encode)

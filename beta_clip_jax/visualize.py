@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 
 from beta_clip_jax.evals.base import load_image, prepare_image
+from beta_clip_jax.mathutil import l2_normalize
 
 
 def attention_maps(encoder, image, text: str) -> tuple[np.ndarray | None, np.ndarray]:
@@ -31,8 +32,7 @@ def attention_maps(encoder, image, text: str) -> tuple[np.ndarray | None, np.nda
     grid = np.asarray(encoder.dense_features(batch), np.float32)[0]  # [h, w, E]
     h, w = grid.shape[:2]
     text_emb = np.asarray(encoder.embed_texts([text]), np.float32)[0]
-    grid = grid / np.maximum(np.linalg.norm(grid, axis=-1, keepdims=True), 1e-12)
-    sim = grid @ (text_emb / max(float(np.linalg.norm(text_emb)), 1e-12))
+    sim = l2_normalize(grid) @ l2_normalize(text_emb)
     attend = getattr(encoder, "attention", None)
     if attend is None:
         return None, sim

@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from beta_clip_jax.mathutil import l2_normalize
+
 LN_EPS = 1e-5
 LOGIT_SCALE_INIT = math.log(1.0 / 0.07)
 
@@ -74,12 +76,6 @@ class _Affine(nn.Module):
         bias_init = _uniform(self.bias_bound) if self.bias_bound else nn.initializers.zeros_init()
         bias = _param(self, "bias", bias_init, self.bias_shape, self.bias_axes)
         return kernel, bias
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """Row-wise L2 normalisation in float32 (the norm of bf16 vectors loses too many bits)."""
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
