@@ -15,11 +15,11 @@ import numpy as np
 
 from beta_clip_jax.convert import import_pretrained, parse_spec
 from beta_clip_jax.data import packing
-from beta_clip_jax.data.transforms import resize_center_crop
+from beta_clip_jax.data.transforms import normalize, resize_center_crop
 from beta_clip_jax.evals.readers import resolve_templates
 from beta_clip_jax.evals.zeroshot import class_embeddings
 from beta_clip_jax.mathutil import l2_normalize
-from beta_clip_jax.models.clip import BetaCLIP, build_model, normalize_images
+from beta_clip_jax.models.clip import BetaCLIP, build_model
 
 _log = logging.getLogger(__name__)
 
@@ -69,9 +69,7 @@ class Encoder:
         self._grid = cfg.image_size // cfg.patch_size
 
         def encode(p, images):
-            cls, patches = model.apply(
-                {"params": p}, normalize_images(images), method="encode_image"
-            )
+            cls, patches = model.apply({"params": p}, normalize(images), method="encode_image")
             return l2_normalize(cls), l2_normalize(patches), patches
 
         def encode_text(p, tokens):
@@ -84,7 +82,7 @@ class Encoder:
             return l2_normalize(out)
 
         def pool(p, images, tokens):
-            _, patches = model.apply({"params": p}, normalize_images(images), method="encode_image")
+            _, patches = model.apply({"params": p}, normalize(images), method="encode_image")
             text = model.apply({"params": p}, tokens, method="encode_text")
             pooled, attn = model.apply({"params": p}, text[:, None], patches, method="pool")
             return l2_normalize(pooled[:, 0]), attn[:, :, 0]

@@ -17,7 +17,7 @@ from helpers_tiny import (
 from safetensors.numpy import save_file
 
 from beta_clip_jax import api
-from beta_clip_jax.models.clip import normalize_images
+from beta_clip_jax.data.transforms import normalize as normalize_images
 
 TEXTS = ["a photo of a cat", "two red cubes left of a blue ball", "x", "", "a dog, running."]
 

@@ -15,8 +15,9 @@ from train_helpers import tiny_config
 from beta_clip_jax import api, checkpoint
 from beta_clip_jax.convert import META_FILE, POOLER_FILE, import_pretrained
 from beta_clip_jax.convert.names import pooler_file_tensors, pooler_from_torch, pooler_to_torch
+from beta_clip_jax.data.transforms import normalize as normalize_images
 from beta_clip_jax.export import export_params
-from beta_clip_jax.models.clip import build_model, normalize_images
+from beta_clip_jax.models.clip import build_model
 from beta_clip_jax.models.variants import resolve_model_config
 from beta_clip_jax.tokenizer import Tokenizer
 from beta_clip_jax.torch_pooler import BetaCLIPPooler, from_pretrained

@@ -24,9 +24,10 @@ from beta_clip_jax.convert import POOLER_FILE
 from beta_clip_jax.convert.names import hf_state_dict_to_flax, pooler_file_tensors, pooler_to_torch
 from beta_clip_jax.convert.openai import openai_to_hf_state_dict
 from beta_clip_jax.data.transforms import normalize
+from beta_clip_jax.data.transforms import normalize as normalize_images
 from beta_clip_jax.export import check_formats, export_params, export_workdir
 from beta_clip_jax.export_formats import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
-from beta_clip_jax.models.clip import build_model, normalize_images
+from beta_clip_jax.models.clip import build_model
 from beta_clip_jax.models.variants import resolve_model_config
 from beta_clip_jax.tokenizer import Tokenizer
 

@@ -150,7 +150,7 @@ def test_holistic_encoder_embeds_the_fused_branches():
     params = init_params(model, jax.random.key(5))
     images = np.random.default_rng(7).integers(0, 255, size=(3, 32, 32, 3), dtype=np.uint8)
     got = Encoder.from_params(model, params).embed_images(images)
-    from beta_clip_jax.models.clip import normalize_images
+    from beta_clip_jax.data.transforms import normalize as normalize_images
 
     branches, _ = model.apply(
         {"params": params}, normalize_images(images), method="encode_image_branches"
