@@ -296,9 +296,10 @@ def export_workdir(
     """Exports the latest (or given) checkpoint of a training workdir into `out`, with the
     workdir's last evaluation up to that step in the model card."""
     from beta_clip_jax.checkpoint import load_params_from_workdir, read_workdir_config
+    from beta_clip_jax.step import abstract_params
 
     formats = check_formats(formats)
-    params, model_cfg, step = load_params_from_workdir(workdir, step=step)
+    params, model_cfg, step = load_params_from_workdir(workdir, abstract_params, step=step)
     config = read_workdir_config(workdir)
     out = export_params(
         params,

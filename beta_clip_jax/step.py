@@ -19,6 +19,8 @@ from flax import struct
 
 from beta_clip_jax import objective, optim, sharding
 from beta_clip_jax.data.transforms import normalize
+from beta_clip_jax.models import layers
+from beta_clip_jax.models.clip import build_model, param_shapes
 
 # The batch entry (and metric) holding the input pipeline's counters (train_step).
 DATA_COUNTS = "data_counts"
@@ -63,14 +65,16 @@ def dummy_inputs(config, batch: int = 1):
 
 
 def abstract_state(model, tx, config):
-    """Boxed abstract state: shapes and logical axis names, nothing allocated."""
+    """(boxed abstract params, abstract optimiser state): shapes and, for the params, logical
+    axis names; nothing allocated."""
+    boxed_params = layers.abstract_params(model, *dummy_inputs(config), boxed=True)
+    return boxed_params, jax.eval_shape(tx.init, nn.unbox(boxed_params))
 
-    def init(rng):
-        params = model.init(rng, *dummy_inputs(config))["params"]
-        return params, tx.init(nn.unbox(params))
 
-    boxed_params, opt_state = jax.eval_shape(init, jax.random.key(0))
-    return boxed_params, opt_state
+def abstract_params(model_cfg):
+    """Unboxed abstract params of the model `model_cfg` describes: the target a checkpoint of
+    it restores onto (checkpoint.load_params_from_workdir, which imports no model)."""
+    return param_shapes(build_model(model_cfg))
 
 
 def state_shardings(model, tx, config, mesh):

@@ -143,7 +143,7 @@ def load_init_params(config, params_abs, model):
     spec = str(config.init)
     kind, path = parse_spec(spec)
     if kind == "workdir":
-        params, _, _ = checkpoint.load_params_from_workdir(path)
+        params, _, _ = checkpoint.load_params_from_workdir(path, step_lib.abstract_params)
     else:
         params, _ = load_pretrained(spec, config.model)
     params = complete_params(params, model, jax.random.key(int(config.seed)))
@@ -449,7 +449,7 @@ def _log_step(step, metrics, schedules, progress, writer, data_iter, utilization
 def _evaluate_only(config, workdir, model, tx, mesh, evaluators, tokenizer, writer):
     """--config.mode=eval: the workdir's latest checkpoint, else config.init."""
     if checkpoint.has_checkpoint(workdir):
-        params, _, step = checkpoint.load_params_from_workdir(workdir)
+        params, _, step = checkpoint.load_params_from_workdir(workdir, step_lib.abstract_params)
     elif config.init:
         params_abs = step_lib.state_shardings(model, tx, config, mesh)[0]
         params, step = load_init_params(config, params_abs, model), 0

@@ -127,7 +127,7 @@ def test_workdir_goes_through_the_checkpoint_hook(encoder, tmp_path, monkeypatch
     (workdir / "checkpoints").mkdir(parents=True)
     calls = []
 
-    def fake_load(path, step=None):
+    def fake_load(path, abstract_params, step=None):
         calls.append((path, step))
         return encoder.params, encoder.model.config, 7
 

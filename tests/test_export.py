@@ -19,6 +19,7 @@ from beta_clip_jax.data.transforms import normalize as normalize_images
 from beta_clip_jax.export import export_params
 from beta_clip_jax.models.clip import build_model
 from beta_clip_jax.models.variants import resolve_model_config
+from beta_clip_jax.step import abstract_params
 from beta_clip_jax.tokenizer import Tokenizer
 from beta_clip_jax.torch_pooler import BetaCLIPPooler, from_pretrained
 
@@ -116,7 +117,7 @@ def test_export_then_import_is_exact(exported, workdir):
     back, back_cfg, not_provided = import_pretrained(exported)
     assert not_provided == [] and back_cfg.to_dict() == cfg.to_dict()
     _assert_same_params(back, params)
-    ckpt_params, _, step = checkpoint.load_params_from_workdir(workdir[0])
+    ckpt_params, _, step = checkpoint.load_params_from_workdir(workdir[0], abstract_params)
     assert step == STEP
     _assert_same_params(back, ckpt_params)
 

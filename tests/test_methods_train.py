@@ -24,6 +24,7 @@ from beta_clip_jax.models.clip import (
 )
 from beta_clip_jax.models.layers import ResidualBlock
 from beta_clip_jax.models.variants import model_config
+from beta_clip_jax.step import abstract_params
 
 
 def _inputs(b=2, s=3, length=8):
@@ -228,7 +229,7 @@ def test_method_configs_train_and_evaluate(tmp_path, config, arg, key):
     plain = _plain_workdir(str(tmp_path / "plain"), c, plain_cfg)
     c.init = str(tmp_path / "plain")
     train_and_evaluate(c, str(tmp_path / "run"))
-    trained, _, _ = checkpoint.load_params_from_workdir(str(tmp_path / "run"))
+    trained, _, _ = checkpoint.load_params_from_workdir(str(tmp_path / "run"), abstract_params)
     # Two small AdamW steps move a weight by about 2 x lr; a fresh init would differ by ~0.1.
     for path in (
         ("visual", "conv1", "kernel"),

@@ -22,7 +22,7 @@ import numpy as np
 
 from beta_clip_jax.methods.holistic import fuse_branches
 from beta_clip_jax.methods.smartclip import MaskHead
-from beta_clip_jax.models.layers import logical_init
+from beta_clip_jax.models.layers import abstract_params, logical_init
 from beta_clip_jax.models.pooler import TextConditionedPooler
 from beta_clip_jax.models.text import TextTower
 from beta_clip_jax.models.variants import resolve_model_config
@@ -221,8 +221,7 @@ def init_params(model: BetaCLIP, rng: jax.Array, *, boxed: bool = False) -> dict
 
 def param_shapes(model: BetaCLIP) -> dict:
     """Shapes (jax.ShapeDtypeStruct tree) of the unboxed parameters, without allocating them."""
-    out = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model.config))
-    return nn.unbox(out["params"])
+    return abstract_params(model, *dummy_inputs(model.config))
 
 
 def complete_params(params: Mapping, model: BetaCLIP, rng: jax.Array | None = None) -> dict:
