@@ -83,27 +83,7 @@ def state_shardings(model, tx, config, mesh):
     with jax.set_mesh(mesh):
         params_sh = sharding.param_shardings(boxed_params, mesh)
     params_abs = nn.unbox(boxed_params)
-    # Optimiser-state leaves that mirror a parameter (Adam moments) take its sharding; their path
-    # ends with the parameter's path. Everything else (counts) is replicated.
-    by_path = {  # longest paths first, so a nested name wins over a top-level one
-        jax.tree_util.keystr(p): (leaf.shape, sh)
-        for (p, leaf), sh in zip(
-            jax.tree_util.tree_flatten_with_path(params_abs)[0],
-            jax.tree.leaves(params_sh),
-            strict=True,
-        )
-    }
-
-    by_path = dict(sorted(by_path.items(), key=lambda kv: -len(kv[0])))
-
-    def opt_leaf_sharding(path, leaf):
-        key = jax.tree_util.keystr(path)
-        for ppath, (shape, sh) in by_path.items():
-            if key.endswith(ppath) and leaf.shape == shape:
-                return sh
-        return sharding.replicated(mesh)
-
-    opt_sh = jax.tree_util.tree_map_with_path(opt_leaf_sharding, abstract_opt)
+    opt_sh = sharding.opt_state_shardings(abstract_opt, params_abs, params_sh, mesh)
     return params_abs, params_sh, abstract_opt, opt_sh
 
 
