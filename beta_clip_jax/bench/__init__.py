@@ -5,7 +5,9 @@
         [--attention=auto|xla|cudnn] [--steps=5] [--breakdown] [--json=out.json]
     python -m beta_clip_jax.bench --config=configs/NAME.py [--config.FIELD=VALUE ...] [--steps=5]
 
-Times the jitted, sharded train step of step.py (the trainer's own) after compiling it, on random
+Times the jitted, sharded train step of step.py after compiling it, built by step.TrainSetup as
+the trainer builds it (the optimiser on the config's num_steps schedule, the pooler's starting at
+loss.cal_start_step; the bench has no data to count a recipe's num_epochs in), on random
 inputs with the batch layout of docs/CONTRACTS.md (every text slot full length and valid: the
 worst case). FLOPs come from XLA's cost analysis of the compiled step; XLA counts a scanned loop
 body once, so with scanned layers they are read from an unrolled twin of the step (compiled, never
