@@ -11,11 +11,10 @@ works on any finished or interrupted run, and the trainer can call it at the end
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 
+from absl import app, flags
 from etils import epath
 
 from beta_clip_jax import objective
@@ -230,14 +229,22 @@ def report_run(workdir: str, scene_index: int = 0, text: str | None = None) -> d
     return paths
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m beta_clip_jax.plots", description=__doc__)
-    parser.add_argument("--workdir", required=True, help="a finished (or stopped) run")
-    parser.add_argument("--text", default=None, help="phrase for the heat map (default: a box)")
-    parser.add_argument("--scene", type=int, default=0, help="synthetic eval scene index")
-    args = parser.parse_args(argv)
-    report_run(args.workdir, args.scene, args.text)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command's flags; defined only when it runs (cli.run_command, or as __main__)."""
+    flags.DEFINE_string("workdir", None, "a finished (or stopped) run", flag_values=flag_values)
+    flags.DEFINE_string(
+        "text", None, "phrase for the heat map (default: a box)", flag_values=flag_values
+    )
+    flags.DEFINE_integer("scene", 0, "synthetic eval scene index", flag_values=flag_values)
+    flags.mark_flag_as_required("workdir", flag_values=flag_values)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    report_run(flag_values.workdir, flag_values.scene, flag_values.text)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    define_flags()
+    app.run(main)

@@ -10,12 +10,11 @@ each projected patch feature with the text embedding, both overlaid on the image
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import sys
 import warnings
 
 import numpy as np
+from absl import app, flags
 
 from beta_clip_jax.evals.base import load_image, prepare_image
 from beta_clip_jax.mathutil import l2_normalize
@@ -101,18 +100,27 @@ def visualize(encoder, image, text: str, out: str) -> tuple[np.ndarray | None, n
     return attn, sim
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m beta_clip_jax.visualize", description=__doc__)
-    parser.add_argument("--model", required=True, help="workdir, exported or HF CLIP directory")
-    parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--text", required=True, help="the text whose attention to show")
-    parser.add_argument("--out", default="heat.png", help="output PNG path")
-    args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command's flags; defined only when it runs (cli.run_command, or as __main__)."""
+    flags.DEFINE_string(
+        "model", None, "workdir, exported or HF CLIP directory", flag_values=flag_values
+    )
+    flags.DEFINE_string("image", None, "image file", flag_values=flag_values)
+    flags.DEFINE_string("text", None, "the text whose attention to show", flag_values=flag_values)
+    flags.DEFINE_string("out", "heat.png", "output PNG path", flag_values=flag_values)
+    flags.mark_flags_as_required(["model", "image", "text"], flag_values=flag_values)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flag_values
     api = importlib.import_module("beta_clip_jax.api")
-    encoder = api.load(args.model)
-    visualize(encoder, load_image(args.image), args.text, args.out)
-    print(f"wrote {args.out}")
+    encoder = api.load(f.model)
+    visualize(encoder, load_image(f.image), f.text, f.out)
+    print(f"wrote {f.out}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    define_flags()
+    app.run(main)
