@@ -397,10 +397,10 @@ def read_workdir_config(workdir: str):
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def load_params_from_workdir(workdir: str, step: int | None = None):
-    """(params as numpy arrays, model config) from a workdir's latest (or given) checkpoint."""
-    from beta_clip_jax.methods import build_model
-
+def load_params_from_workdir(workdir: str, abstract_params, step: int | None = None):
+    """(params as numpy arrays, model config, step) from a workdir's latest (or given)
+    checkpoint. `abstract_params(model_cfg)` gives the unboxed abstract params to restore onto
+    (step.abstract_params): this module knows no model, its callers do."""
     config = read_workdir_config(workdir)
     path = checkpoint_dir(workdir)
     if not has_checkpoint(workdir):
@@ -410,8 +410,7 @@ def load_params_from_workdir(workdir: str, step: int | None = None):
         step = manager.latest_step() if step is None else int(step)
         if step not in manager.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} under {path}")
-        model = build_model(config.model)
-        abstract = abstract_params(model, config)
+        abstract = abstract_params(config.model)
         single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), abstract
@@ -422,18 +421,6 @@ def load_params_from_workdir(workdir: str, step: int | None = None):
         )
     params = jax.tree.map(np.asarray, restored["params"])
     return params, config.model, step
-
-
-def abstract_params(model, config):
-    """Unboxed abstract params of the model (shapes only, nothing allocated)."""
-    import flax.linen as nn
-
-    from beta_clip_jax.step import dummy_inputs
-
-    boxed = jax.eval_shape(
-        lambda rng: model.init(rng, *dummy_inputs(config))["params"], jax.random.key(0)
-    )
-    return nn.unbox(boxed)
 
 
 def write_json(path: str, obj) -> None:

@@ -18,8 +18,8 @@ class ConfigError(ValueError):
 
 
 def resolve_config(config):
-    """A copy with the method settled (config.method, and model.method and loss.name equal to
-    it) and every model shape filled in from its variant: what config.json records."""
+    """A copy with the method settled (config.method and loss.name name it, model.method its
+    model) and every model shape filled in from its variant: what config.json records."""
     import copy
 
     resolved = copy.deepcopy(config)
@@ -27,7 +27,9 @@ def resolve_config(config):
         method = config_method(config)
         with resolved.unlocked():
             resolved.method = method.name
-            resolved.model.method = method.name
+            # model.method names the model: a method without a model of its own trains the
+            # plain one, so its workdirs read (and resume) as they did before config.method.
+            resolved.model.method = "beta_clip" if method.plain_model else method.name
             resolved.loss.name = method.name
             resolved.model = methods.resolve_model_config(resolved.model)
     except ValueError as e:  # an unknown method, variant or field: a config mistake, named
@@ -40,8 +42,9 @@ def config_method(config) -> methods.Method:
     named it before config.method existed), else model.method, else "beta_clip".
 
     Every one of the three that is set must name that method, except that model.method may
-    be "beta_clip" for a method whose model is the plain one (so older configs of the clip
-    loss still read); anything else is an error naming the field.
+    be "beta_clip" for a method whose model is the plain one (resolve_config sets it so, and
+    older configs of the clip loss read as they did); anything else is an error naming the
+    field.
     """
     fields = (
         ("config.method", config.get("method") or ""),
@@ -55,7 +58,7 @@ def config_method(config) -> methods.Method:
         if value and value != method.name and not (plain_model and method.plain_model):
             raise ValueError(
                 f"{other}={value!r} disagrees with {field}={method.name!r}: set config.method "
-                "alone (model.method and loss.name follow it)"
+                "alone (loss.name follows it, model.method names its model)"
             )
     return method
 

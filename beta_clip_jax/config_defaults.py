@@ -37,8 +37,8 @@ def base_config(variant: str = "B/16") -> ml_collections.ConfigDict:
     c.mode = "train"  # "train" | "eval"
     c.seed = 0
     # The training method, a name of the method registry (beta_clip_jax/methods/); "" is
-    # loss.name's method (older configs name it there), else beta_clip. model.method and
-    # loss.name follow it (config_check.config_method).
+    # loss.name's method (older configs name it there), else beta_clip. loss.name follows it
+    # and model.method names its model (config_check.resolve_config).
     c.method = ""
     c.init = ""  # hf:PATH | openai:PATH | a workdir of ours | "" (random)
     c.model = model_template(variant)

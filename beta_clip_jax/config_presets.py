@@ -119,7 +119,7 @@ def demo_recipe(method: str = "ce"):
         max_objects=c.data.synthetic.max_objects,
     )
     # At the end of training: print the final table and write curves.png and heatmap.png
-    # (beta_clip_jax.plots.report_run).
+    # (beta_clip_jax.reporting.plots.report_run).
     c.write_plots = True
     return c
 

@@ -13,6 +13,7 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -123,6 +124,36 @@ def param_shardings(boxed_abstract, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES
         name = jax.tree_util.keystr(path)
         shardings.append(NamedSharding(mesh, _fit_spec(spec, tuple(leaf.shape), mesh, name)))
     return jax.tree_util.tree_unflatten(treedef, shardings)
+
+
+def _is_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def opt_state_shardings(abstract_opt, params_abs, params_sh, mesh: jax.sharding.Mesh):
+    """Shardings of an abstract optimiser state, read from its structure.
+
+    Every subtree laid out like the params (Adam's moments; under optax.multi_transform a group
+    keeps such a tree with MaskedNode where a param is another group's) takes each param's
+    sharding, leaf for leaf, where the shapes agree; every other leaf (step counts, a leaf of
+    another shape) is replicated. No names are matched, so no two params can be confused.
+    """
+    params_def = jax.tree.structure(params_abs)
+
+    def is_param_tree(node) -> bool:
+        return jax.tree.structure(node, is_leaf=_is_masked) == params_def
+
+    def like_param(param, param_sharding, leaf):
+        if _is_masked(leaf):
+            return leaf
+        return param_sharding if leaf.shape == param.shape else replicated(mesh)
+
+    def one(node):
+        if is_param_tree(node):
+            return jax.tree.map(like_param, params_abs, params_sh, node)
+        return replicated(mesh)
+
+    return jax.tree.map(one, abstract_opt, is_leaf=is_param_tree)
 
 
 def global_batch_from_local(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:

@@ -19,6 +19,9 @@ from flax import struct
 
 from beta_clip_jax import objective, optim, sharding
 from beta_clip_jax.data.transforms import normalize
+from beta_clip_jax.methods import build_model
+from beta_clip_jax.models import layers
+from beta_clip_jax.models.clip import param_shapes
 
 # The batch entry (and metric) holding the input pipeline's counters (train_step).
 DATA_COUNTS = "data_counts"
@@ -63,14 +66,16 @@ def dummy_inputs(config, batch: int = 1):
 
 
 def abstract_state(model, tx, config):
-    """Boxed abstract state: shapes and logical axis names, nothing allocated."""
+    """(boxed abstract params, abstract optimiser state): shapes and, for the params, logical
+    axis names; nothing allocated."""
+    boxed_params = layers.abstract_params(model, *dummy_inputs(config), boxed=True)
+    return boxed_params, jax.eval_shape(tx.init, nn.unbox(boxed_params))
 
-    def init(rng):
-        params = model.init(rng, *dummy_inputs(config))["params"]
-        return params, tx.init(nn.unbox(params))
 
-    boxed_params, opt_state = jax.eval_shape(init, jax.random.key(0))
-    return boxed_params, opt_state
+def abstract_params(model_cfg):
+    """Unboxed abstract params of the model `model_cfg` describes: the target a checkpoint of
+    it restores onto (checkpoint.load_params_from_workdir, which imports no model)."""
+    return param_shapes(build_model(model_cfg))
 
 
 def state_shardings(model, tx, config, mesh):
@@ -79,27 +84,7 @@ def state_shardings(model, tx, config, mesh):
     with jax.set_mesh(mesh):
         params_sh = sharding.param_shardings(boxed_params, mesh)
     params_abs = nn.unbox(boxed_params)
-    # Optimiser-state leaves that mirror a parameter (Adam moments) take its sharding; their path
-    # ends with the parameter's path. Everything else (counts) is replicated.
-    by_path = {  # longest paths first, so a nested name wins over a top-level one
-        jax.tree_util.keystr(p): (leaf.shape, sh)
-        for (p, leaf), sh in zip(
-            jax.tree_util.tree_flatten_with_path(params_abs)[0],
-            jax.tree.leaves(params_sh),
-            strict=True,
-        )
-    }
-
-    by_path = dict(sorted(by_path.items(), key=lambda kv: -len(kv[0])))
-
-    def opt_leaf_sharding(path, leaf):
-        key = jax.tree_util.keystr(path)
-        for ppath, (shape, sh) in by_path.items():
-            if key.endswith(ppath) and leaf.shape == shape:
-                return sh
-        return sharding.replicated(mesh)
-
-    opt_sh = jax.tree_util.tree_map_with_path(opt_leaf_sharding, abstract_opt)
+    opt_sh = sharding.opt_state_shardings(abstract_opt, params_abs, params_sh, mesh)
     return params_abs, params_sh, abstract_opt, opt_sh
 
 

@@ -17,15 +17,13 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from beta_clip_jax import checkpoint, config_drift, perf, sharding
+from beta_clip_jax import checkpoint, config_drift, perf, sharding, train_setup
 from beta_clip_jax import step as step_lib
-from beta_clip_jax.config_check import ConfigError, check_config, resolve_config, total_steps
+from beta_clip_jax.config_check import ConfigError, resolve_config
 from beta_clip_jax.data import pipeline
-from beta_clip_jax.losses import cal
-from beta_clip_jax.methods import build_model, complete_params
-from beta_clip_jax.metrics_writer import MetricsWriter, Progress
-from beta_clip_jax.optim import make_optimizer
+from beta_clip_jax.methods import complete_params
 from beta_clip_jax.profiling import StepProfiler
+from beta_clip_jax.reporting.metrics_writer import MetricsWriter, Progress
 from beta_clip_jax.tokenizer import Tokenizer
 
 
@@ -113,26 +111,22 @@ class _Preemption:
         return bool(multihost_utils.reached_preemption_sync_point(int(step)))
 
 
-def _restore_or_init(config, workdir, model, tx, mesh, ckpt, data_iter):
-    """Resume precedence: own checkpoint -> config.init -> random init."""
-    params_abs, params_sh, opt_abs, opt_sh = step_lib.state_shardings(model, tx, config, mesh)
+def _restore_or_init(config, setup, ckpt, data_iter):
+    """(params, opt_state, step); resume precedence: own checkpoint -> config.init -> random."""
     if ckpt.latest_step() is not None:
-        target_p = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params_abs, params_sh
-        )
-        target_o = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abs, opt_sh
-        )
+        target = setup.abstract_state()
         # The newest checkpoint that restores; a broken one is skipped by name, and none
         # restoring is an error (a fresh start would overwrite them).
-        params, opt_state, _, latest = ckpt.restore_latest(target_p, target_o, data_iter)
+        params, opt_state, _, latest = ckpt.restore_latest(
+            target.params, target.opt_state, data_iter
+        )
         logging.info("resumed from %s step %d", ckpt.directory, latest)
-        return params, opt_state, latest, params_sh, opt_sh
+        return params, opt_state, latest
     init_params = None
     if config.init:
-        init_params = load_init_params(config, params_abs, model)
-    params, opt_state = step_lib.init_state(model, tx, config, mesh, params_sh, opt_sh, init_params)
-    return params, opt_state, 0, params_sh, opt_sh
+        init_params = load_init_params(config, setup.params_abs, setup.model)
+    state = setup.init_state(init_params)
+    return state.params, state.opt_state, 0
 
 
 def load_init_params(config, params_abs, model):
@@ -158,8 +152,8 @@ def _build_evaluators(config):
 
 def run_evaluators(evaluators, model, params, tokenizer, step, writer, *, force=False, mesh=None):
     """Runs the evaluators due at this step (all when forced); {dataset: {metric: value}}."""
-    from beta_clip_jax.api import Encoder
     from beta_clip_jax.evals import registry
+    from beta_clip_jax.evals.encoder import Encoder
 
     if not any(force or e.should_run(step) for e in evaluators):
         return {}
@@ -215,23 +209,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Trains (or, with config.mode == 'eval', only evaluates) and returns the last metrics."""
     _no_compilation_cache_on_cpu_clusters()
     config = resolve_config(config)
-    check_config(config, sharding.mesh_device_count(config.mesh), jax.process_count())
-    mesh = sharding.make_mesh(config.mesh)
-    model = build_model(config.model)
+    # Checks the config (before any compile), then the mesh, model and optimiser the bench
+    # builds the same way.
+    setup = train_setup.TrainSetup(config)
+    mesh, model, tx, num_steps = setup.mesh, setup.model, setup.tx, setup.num_steps
     tokenizer = Tokenizer()
-    num_steps = total_steps(config)
-    tx, schedules = make_optimizer(
-        config.optim,
-        num_steps,
-        int(config.model.frozen_positions),
-        pooler_start_step=cal.cal_start_step(config.loss),
-    )
     evaluators = _build_evaluators(config)
     _setup_workdir(config, workdir)
     writer = MetricsWriter(workdir, config.get("wandb"), config.to_dict())
 
     if config.mode == "eval":
-        return _evaluate_only(config, workdir, model, tx, mesh, evaluators, tokenizer, writer)
+        return _evaluate_only(config, workdir, setup, evaluators, tokenizer, writer)
 
     data_iter = pipeline.build_train_iterator(
         config.data,
@@ -246,15 +234,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt = checkpoint.Checkpointer(
         workdir, every=config.checkpoint_every, keep=config.keep_checkpoints
     )
-    params, opt_state, start, params_sh, opt_sh = _restore_or_init(
-        config, workdir, model, tx, mesh, ckpt, data_iter
-    )
+    params, opt_state, start = _restore_or_init(config, setup, ckpt, data_iter)
     # Lines a dead run wrote past the restored step would be drawn twice; a fresh start keeps
     # none of them.
     writer.truncate_after(start if start > 0 else -1)
     state = step_lib.TrainState(step=np.int32(start), params=params, opt_state=opt_state)
-    state = jax.device_put(state, step_lib.TrainState(sharding.replicated(mesh), params_sh, opt_sh))
-    jitted = step_lib.jit_train_step(model, tx, config, mesh, params_sh, opt_sh)
+    state = jax.device_put(state, setup.state_shardings())
+    jitted = setup.jitted
 
     preemption = _Preemption()
     preemption.install()
@@ -302,7 +288,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
             pending = (step, metrics)
             if step % config.log_every == 0 or step == num_steps or step <= 3:
                 _check_finite(*pending)
-                last = _log_step(step, metrics, schedules, progress, writer, data_iter, utilization)
+                last = _log_step(
+                    step, metrics, setup.schedules, progress, writer, data_iter, utilization
+                )
             stop = config.get("stop_at_step", 0) and step >= config.stop_at_step
             signalled = preemption.agreed(step)
             if signalled or stop:
@@ -354,9 +342,10 @@ def _report_run(workdir):
     """The demo's ending: the final results table, curves.png and heatmap.png (plots.py).
 
     A failure here (e.g. matplotlib missing) must not look like a failed training run: the
-    checkpoint and metrics are already written, and `python -m beta_clip_jax.plots` redoes it.
+    checkpoint and metrics are already written, and `python -m beta_clip_jax.reporting.plots`
+    redoes it.
     """
-    from beta_clip_jax import plots
+    from beta_clip_jax.reporting import plots
 
     try:
         plots.report_run(workdir)
@@ -443,13 +432,12 @@ def _log_step(step, metrics, schedules, progress, writer, data_iter, utilization
     return scalars
 
 
-def _evaluate_only(config, workdir, model, tx, mesh, evaluators, tokenizer, writer):
+def _evaluate_only(config, workdir, setup, evaluators, tokenizer, writer):
     """--config.mode=eval: the workdir's latest checkpoint, else config.init."""
     if checkpoint.has_checkpoint(workdir):
-        params, _, step = checkpoint.load_params_from_workdir(workdir)
+        params, _, step = checkpoint.load_params_from_workdir(workdir, step_lib.abstract_params)
     elif config.init:
-        params_abs = step_lib.state_shardings(model, tx, config, mesh)[0]
-        params, step = load_init_params(config, params_abs, model), 0
+        params, step = load_init_params(config, setup.params_abs, setup.model), 0
     else:
         raise ValueError(
             f"mode=eval needs a checkpoint under {checkpoint.checkpoint_dir(workdir)} "
@@ -457,7 +445,7 @@ def _evaluate_only(config, workdir, model, tx, mesh, evaluators, tokenizer, writ
         )
     if not evaluators:
         raise ValueError("mode=eval but config.evals is empty: nothing to evaluate")
-    results = run_evaluators(evaluators, model, params, tokenizer, step, writer, force=True)
+    results = run_evaluators(evaluators, setup.model, params, tokenizer, step, writer, force=True)
     checkpoint.write_json(
         str(epath.Path(workdir) / "eval_results.json"), {"step": step, "results": results}
     )

@@ -2,8 +2,8 @@
 
     python -m beta_clip_jax.main --config=configs/demo.py:ce --workdir=runs/ce
     python -m beta_clip_jax.main --config=configs/demo.py:clip --workdir=runs/clip
-    python -m beta_clip_jax.plots --workdir=runs/ce        # final table, curves.png, heatmap.png
-    python -m beta_clip_jax.compare --workdirs=runs/clip,runs/ce --out=compare.png
+    python -m beta_clip_jax.reporting.plots --workdir=runs/ce  # final table, curves, heat map
+    python -m beta_clip_jax.reporting.compare --workdirs=runs/clip,runs/ce --out=compare.png
 
 METHOD after the colon: `ce` (beta-CLIP, soft cross-entropy beta-CAL, the default), `bce` (hard
 binary cross-entropy beta-CAL) or `clip` (plain CLIP: the global CLS-caption InfoNCE only). Any

@@ -15,7 +15,7 @@ sentences (loss.smartclip: align 0.5, sparsity 0.1, to be swept; watch
 train/smartclip_mask_density). Files: see configs/b16_urban.py.
 
 Initialising a SmartCLIP model from plain CLIP weights needs the mask head added to the loaded
-tree: `models.clip.complete_params(params, model)`, called where `config.init` is loaded
+tree: `methods.complete_params(params, model)`, called where `config.init` is loaded
 (train.load_init_params); see docs/methods.md.
 """
 

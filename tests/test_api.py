@@ -17,7 +17,8 @@ from helpers_tiny import (
 from safetensors.numpy import save_file
 
 from beta_clip_jax import api
-from beta_clip_jax.models.clip import normalize_images
+from beta_clip_jax.data.transforms import normalize as normalize_images
+from beta_clip_jax.data.transforms import resize_center_crop
 
 TEXTS = ["a photo of a cat", "two red cubes left of a blue ball", "x", "", "a dog, running."]
 
@@ -82,7 +83,7 @@ def test_conditioned_embeddings_and_attention(encoder):
 
 def test_other_resolutions_are_resized_and_cropped(encoder):
     images = _uint8_images(2, 48, 40, seed=3)
-    crops = np.stack([api.resize_center_crop(im, 32) for im in images])
+    crops = np.stack([resize_center_crop(im, 32) for im in images])
     assert crops.shape == (2, 32, 32, 3)
     np.testing.assert_array_equal(encoder.embed_images(images), encoder.embed_images(crops))
     native = _uint8_images(1, 32, 32, seed=4)
@@ -127,7 +128,7 @@ def test_workdir_goes_through_the_checkpoint_hook(encoder, tmp_path, monkeypatch
     (workdir / "checkpoints").mkdir(parents=True)
     calls = []
 
-    def fake_load(path, step=None):
+    def fake_load(path, abstract_params, step=None):
         calls.append((path, step))
         return encoder.params, encoder.model.config, 7
 

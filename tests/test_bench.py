@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from beta_clip_jax import bench
+from beta_clip_jax import bench, train_setup
 
 
 def _positive(x, name):
@@ -70,6 +70,24 @@ def test_tiny_bench_reports_every_figure():
     assert sweep[1]["pooler_gflops"] > sweep[0]["pooler_gflops"]
     table = bench.format_table(r)
     assert "MFU" in table and "pipeline images/s" in table and "towers" in table
+
+
+def test_the_bench_builds_the_trainers_setup():
+    """bench.Setup is train_setup.TrainSetup (what train.py builds) plus a batch: the optimiser
+    runs on the config's own schedules, num_steps long with the pooler at rate 0 until
+    loss.cal_start_step, not on a fixed schedule of its own."""
+    from beta_clip_jax import optim
+
+    cfg = _tiny()
+    cfg.num_steps, cfg.loss.cal_start_step = 20, 5
+    setup = bench.Setup(cfg)
+    assert isinstance(setup, train_setup.TrainSetup) and setup.num_steps == 20
+    frozen = int(cfg.model.frozen_positions)
+    _, want = optim.make_optimizer(cfg.optim, 20, frozen, pooler_start_step=5)
+    for step in (0, 4, 5, 12, 19):
+        for group, schedule in want.items():
+            assert float(setup.schedules[group](step)) == float(schedule(step)), (group, step)
+    assert float(setup.schedules["pooler"](4)) == 0.0 < float(setup.schedules["pooler"](5))
 
 
 def test_peak_table_and_config_overrides():

@@ -23,7 +23,8 @@ from train_helpers import CONFIGS, tiny_config
 
 from beta_clip_jax import checkpoint
 from beta_clip_jax.checkpoint import Checkpointer, CheckpointError
-from beta_clip_jax.metrics_writer import read_metrics
+from beta_clip_jax.reporting.metrics_writer import read_metrics
+from beta_clip_jax.step import abstract_params
 from beta_clip_jax.train import train_and_evaluate
 
 # After one failed read Orbax abandons the others, whose callbacks then find its event loop
@@ -75,7 +76,7 @@ def reference(tmp_path_factory):
     """The uninterrupted run's final parameters."""
     workdir = tmp_path_factory.mktemp("reference")
     train_and_evaluate(tiny_config(), str(workdir))
-    return checkpoint.load_params_from_workdir(str(workdir))[0]
+    return checkpoint.load_params_from_workdir(str(workdir), abstract_params)[0]
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_broken_latest_is_named_and_the_previous_resumed(workdir, reference, dam
     assert _step_dirs(workdir) == ["4.unrestorable", "6"]
     steps = [r["step"] for r in read_metrics(str(workdir)) if "train/loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]  # resumed at step 3, the dead step 4 logged once
-    _params_close(checkpoint.load_params_from_workdir(str(workdir))[0], reference)
+    _params_close(checkpoint.load_params_from_workdir(str(workdir), abstract_params)[0], reference)
 
 
 def test_no_checkpoint_restores_is_an_error_not_a_fresh_start(workdir):
@@ -148,7 +149,7 @@ def test_failed_background_save_stops_the_run_and_keeps_the_last_good(
     # nothing happened.
     train_and_evaluate(config, str(workdir))
     assert _step_dirs(workdir) == ["6"]
-    _params_close(checkpoint.load_params_from_workdir(str(workdir))[0], reference)
+    _params_close(checkpoint.load_params_from_workdir(str(workdir), abstract_params)[0], reference)
 
 
 # --- the Checkpointer on small arrays --------------------------------------------------------
@@ -290,7 +291,7 @@ def test_sigkill_during_async_saves_resumes_to_the_same_params(tmp_path, referen
     if KILL_RUN_STEPS != 6:
         uninterrupted = tmp_path / "uninterrupted"
         subprocess.run(_command(uninterrupted), env=_env(), check=True, capture_output=True)
-        reference = checkpoint.load_params_from_workdir(str(uninterrupted))[0]
+        reference = checkpoint.load_params_from_workdir(str(uninterrupted), abstract_params)[0]
     workdir = tmp_path / "run"
     rng = random.Random(0)
     committed, mid_save = None, 0
@@ -315,6 +316,17 @@ def test_sigkill_during_async_saves_resumes_to_the_same_params(tmp_path, referen
     assert done.returncode == 0, log.read_text()[-3000:]
     assert _resumed_step(log) == committed
     assert not _tmp_dirs(workdir) and _committed(workdir) == KILL_RUN_STEPS
-    _params_close(checkpoint.load_params_from_workdir(str(workdir))[0], reference)
+    _params_close(checkpoint.load_params_from_workdir(str(workdir), abstract_params)[0], reference)
     steps = [r["step"] for r in read_metrics(str(workdir)) if "train/loss" in r]
     assert steps == list(range(1, KILL_RUN_STEPS + 1))
+
+
+def test_checkpoint_imports_no_model_and_no_step():
+    """The checkpoint module restores onto the targets its callers give (step.abstract_params),
+    so reading it must not pull in the model or the train step."""
+    code = (
+        "import sys, beta_clip_jax.checkpoint; "
+        "print(sorted(m for m in sys.modules if m.startswith('beta_clip_jax.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["['beta_clip_jax.checkpoint']"], out.stdout

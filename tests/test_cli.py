@@ -11,7 +11,7 @@ import pytest
 from train_helpers import CONFIGS
 
 from beta_clip_jax import checkpoint
-from beta_clip_jax.metrics_writer import read_metrics
+from beta_clip_jax.reporting.metrics_writer import read_metrics
 from beta_clip_jax.train import STOPPED_EXIT_STATUS
 
 TINY = str(CONFIGS / "tiny_test.py")

@@ -14,7 +14,7 @@ from train_helpers import tiny_config
 
 from beta_clip_jax import checkpoint, config_drift, train
 from beta_clip_jax.config_check import ConfigError
-from beta_clip_jax.metrics_writer import read_metrics
+from beta_clip_jax.reporting.metrics_writer import read_metrics
 from beta_clip_jax.train import train_and_evaluate
 
 

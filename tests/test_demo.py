@@ -5,14 +5,17 @@ import contextlib
 import io
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
+from absl import flags
 from PIL import Image
 from train_helpers import apply_overrides, load_config
 
-from beta_clip_jax import compare, plots
-from beta_clip_jax.metrics_writer import read_metrics
+from beta_clip_jax.cli import run_command
+from beta_clip_jax.reporting import compare, plots
+from beta_clip_jax.reporting.metrics_writer import read_metrics
 from beta_clip_jax.train import train_and_evaluate
 
 
@@ -92,7 +95,7 @@ def test_demo_writes_metrics_table_and_plots(runs):
 def test_compare_two_methods(runs, tmp_path, capsys):
     out = tmp_path / "compare.png"
     workdirs, _ = runs
-    compare.main([f"--workdirs={workdirs['clip']},{workdirs['ce']}", f"--out={out}"])
+    run_command(compare, [f"--workdirs={workdirs['clip']},{workdirs['ce']}", f"--out={out}"])
     text = capsys.readouterr().out
     header = text.splitlines()[0]
     assert "clip (n=1)" in header and "beta_clip ce beta=0.5 cal_start=1 (n=1)" in header
@@ -103,6 +106,23 @@ def test_compare_two_methods(runs, tmp_path, capsys):
     assert all(0.0 <= float(v) <= 100.0 for v in row.split()[1:] if v != "±")
     assert "pooler_box_attention: % of the pooler's attention" in text
     assert_png(out)
+
+
+def test_plots_and_compare_commands_take_their_flags(runs, tmp_path, capsys):
+    """The absl commands as the command line runs them: plots --workdir/--scene/--text redraws
+    a run's PNGs; compare --all --out= prints every metric and writes no chart."""
+    workdirs, _ = runs
+    copy = tmp_path / "ce"
+    shutil.copytree(workdirs["ce"], copy)
+    (copy / "heatmap.png").unlink()
+    run_command(plots, [f"--workdir={copy}", "--scene=1", "--text=a box"])
+    assert_png(copy / "heatmap.png")
+    assert "final evaluation of" in capsys.readouterr().out
+    run_command(compare, [f"--workdirs={workdirs['ce']}", "--all", "--out="])
+    text = capsys.readouterr().out
+    assert "wrote" not in text and "synthetic/t2i_r5" in text
+    with pytest.raises(flags.IllegalFlagValueError, match="workdirs"):
+        run_command(compare, ["--all"])
 
 
 def fake_run(path, seed, name, box_hard, mode="ce"):

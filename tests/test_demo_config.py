@@ -5,7 +5,7 @@ import os
 import numpy as np
 from ml_collections import config_flags
 
-from beta_clip_jax.metrics_writer import read_metrics
+from beta_clip_jax.reporting.metrics_writer import read_metrics
 from beta_clip_jax.train import train_and_evaluate
 
 DEMO = os.path.join(

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 from test_evals_fakes import ColourFake, quadrant_image
 
-from beta_clip_jax import visualize
+from beta_clip_jax.cli import run_command
+from beta_clip_jax.reporting import visualize
 
 
 class AttendingFake(ColourFake):
@@ -43,7 +44,8 @@ def test_writes_png_and_command_line(tmp_path, monkeypatch):
     fake_api.load = lambda path: AttendingFake()
     monkeypatch.setitem(__import__("sys").modules, "beta_clip_jax.api", fake_api)
     out = tmp_path / "heat.png"
-    visualize.main(["--model=unused", f"--image={image_path}", "--text=a red one", f"--out={out}"])
+    args = ["--model=unused", f"--image={image_path}", "--text=a red one", f"--out={out}"]
+    run_command(visualize, args)
     with Image.open(out) as png:
         assert png.format == "PNG" and png.size[0] > png.size[1] > 100
     with pytest.warns(UserWarning, match="no pooler attention"):
@@ -69,8 +71,8 @@ def test_own_data_runs_draw_their_own_image(tmp_path):
     evaluation set (here a held-out JSONL), not a synthetic scene."""
     from test_data_sources import caption_for, make_jsonl
 
-    from beta_clip_jax import plots
     from beta_clip_jax.data import sources
+    from beta_clip_jax.reporting import plots
 
     path, entries = make_jsonl(str(tmp_path), n=4)
     config = {

@@ -18,7 +18,7 @@ from PIL import Image
 from test_evals_metrics import _reference_roi_align
 
 from beta_clip_jax import evaluate
-from beta_clip_jax.models.clip import normalize_images
+from beta_clip_jax.data.transforms import normalize as normalize_images
 from beta_clip_jax.tokenizer import Tokenizer
 
 # (image file, (width, height), box x y w h, positive, negatives)

@@ -14,10 +14,11 @@ from train_helpers import tiny_config
 
 from beta_clip_jax import api, checkpoint
 from beta_clip_jax.convert import META_FILE, POOLER_FILE, import_pretrained
+from beta_clip_jax.convert.export import export_params
 from beta_clip_jax.convert.names import pooler_file_tensors, pooler_from_torch, pooler_to_torch
-from beta_clip_jax.export import export_params
+from beta_clip_jax.data.transforms import normalize as normalize_images
 from beta_clip_jax.methods import build_model, resolve_model_config
-from beta_clip_jax.models.clip import normalize_images
+from beta_clip_jax.step import abstract_params
 from beta_clip_jax.tokenizer import Tokenizer
 from beta_clip_jax.torch_pooler import BetaCLIPPooler, from_pretrained
 
@@ -115,7 +116,7 @@ def test_export_then_import_is_exact(exported, workdir):
     back, back_cfg, not_provided = import_pretrained(exported)
     assert not_provided == [] and back_cfg.to_dict() == cfg.to_dict()
     _assert_same_params(back, params)
-    ckpt_params, _, step = checkpoint.load_params_from_workdir(workdir[0])
+    ckpt_params, _, step = checkpoint.load_params_from_workdir(workdir[0], abstract_params)
     assert step == STEP
     _assert_same_params(back, ckpt_params)
 

@@ -19,15 +19,15 @@ from helpers_tiny import fast_jit, random_params
 from test_export import STEP, _flat, make_workdir
 from train_helpers import tiny_config
 
-from beta_clip_jax import api, model_card, torch_pooler
-from beta_clip_jax.convert import POOLER_FILE
+from beta_clip_jax import api, torch_pooler
+from beta_clip_jax.convert import POOLER_FILE, model_card
+from beta_clip_jax.convert.export import check_formats, export_params, export_workdir
+from beta_clip_jax.convert.export_formats import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
 from beta_clip_jax.convert.names import hf_state_dict_to_flax, pooler_file_tensors, pooler_to_torch
 from beta_clip_jax.convert.openai import openai_to_hf_state_dict
 from beta_clip_jax.data.transforms import normalize
-from beta_clip_jax.export import check_formats, export_params, export_workdir
-from beta_clip_jax.export_formats import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
+from beta_clip_jax.data.transforms import normalize as normalize_images
 from beta_clip_jax.methods import build_model, resolve_model_config
-from beta_clip_jax.models.clip import normalize_images
 from beta_clip_jax.tokenizer import Tokenizer
 
 TOL = 1e-4

@@ -19,6 +19,7 @@ from beta_clip_jax.losses import contrastive
 from beta_clip_jax.methods import siglip
 from beta_clip_jax.models.clip import BetaCLIP, init_params
 from beta_clip_jax.models.layers import logical_init
+from beta_clip_jax.step import abstract_params
 
 TOY_INIT = 0.25
 TOY_LOSS_WEIGHT = 0.5
@@ -94,7 +95,7 @@ def test_a_method_defined_here_trains_resumes_and_exports(toy, tmp_path):
     saved = json.loads((whole / "config.json").read_text())
     assert (saved["method"], saved["model"]["method"], saved["loss"]["name"]) == ("toy",) * 3
 
-    params, _, _ = checkpoint.load_params_from_workdir(str(whole))
+    params, _, _ = checkpoint.load_params_from_workdir(str(whole), abstract_params)
     assert abs(float(params["toy_gain"]) - TOY_INIT) > 1e-5  # trained, at the head rate
 
     out = export.export_workdir(str(whole), str(tmp_path / "export"))
@@ -110,12 +111,12 @@ def test_a_method_defined_here_trains_resumes_and_exports(toy, tmp_path):
 
 @pytest.fixture
 def no_compile(monkeypatch):
-    """Where training would build the model (and then compile): a failure."""
+    """Where training would build its setup (mesh, model, optimiser, then compile): a failure."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("the run got as far as building the model")
 
-    monkeypatch.setattr(train, "build_model", refuse)
+    monkeypatch.setattr(train.train_setup, "TrainSetup", refuse)
 
 
 @pytest.mark.parametrize(
@@ -133,16 +134,26 @@ def test_method_mistakes_stop_before_anything_compiles(no_compile, tmp_path, ove
         train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "run"))
 
 
+def test_a_good_config_gets_as_far_as_the_setup(no_compile, tmp_path):
+    """The refusal above is where a valid config goes next: the mistakes stop before it."""
+    with pytest.raises(AssertionError, match="as far as building"):
+        train.train_and_evaluate(tiny_config(method="clip"), str(tmp_path / "run"))
+
+
 def test_one_field_names_the_method():
-    for overrides, method in [
-        ({}, "beta_clip"),
-        ({"method": "clip"}, "clip"),
-        ({"loss.name": "clip"}, "clip"),  # as configs named it before config.method
-        ({"loss.name": "clip", "model.method": "beta_clip"}, "clip"),  # the same model
-        ({"method": "holistic", "model.method": "holistic"}, "holistic"),
+    """config.method (or loss.name, as older configs name it) picks the method; model.method
+    names its model, the plain one for a method without a model of its own."""
+    for overrides, names in [
+        ({}, ("beta_clip", "beta_clip")),
+        ({"method": "clip"}, ("clip", "beta_clip")),
+        ({"loss.name": "clip"}, ("clip", "beta_clip")),
+        ({"loss.name": "clip", "model.method": "beta_clip"}, ("clip", "beta_clip")),
+        ({"method": "holistic", "model.method": "holistic"}, ("holistic", "holistic")),
+        ({"method": "siglip"}, ("siglip", "siglip")),
     ]:
         c = resolve_config(tiny_config(**overrides))
-        assert (c.method, c.model.method, c.loss.name) == (method,) * 3, overrides
+        method, model = names
+        assert (c.method, c.loss.name, c.model.method) == (method, method, model), overrides
 
 
 def _numpy_sigmoid_loss(image, text, scale, bias):

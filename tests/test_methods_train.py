@@ -25,6 +25,7 @@ from beta_clip_jax.methods import (
 )
 from beta_clip_jax.models.clip import init_params, param_shapes
 from beta_clip_jax.models.layers import ResidualBlock
+from beta_clip_jax.step import abstract_params
 
 
 def _inputs(b=2, s=3, length=8):
@@ -152,7 +153,7 @@ def test_holistic_encoder_embeds_the_fused_branches():
     params = init_params(model, jax.random.key(5))
     images = np.random.default_rng(7).integers(0, 255, size=(3, 32, 32, 3), dtype=np.uint8)
     got = Encoder.from_params(model, params).embed_images(images)
-    from beta_clip_jax.models.clip import normalize_images
+    from beta_clip_jax.data.transforms import normalize as normalize_images
 
     branches, _ = model.apply(
         {"params": params}, normalize_images(images), method="encode_image_branches"
@@ -222,7 +223,7 @@ def test_method_configs_train_and_evaluate(tmp_path, config, arg, key):
     """Each method's config trains from plain beta-CLIP weights (config.init = a workdir) and
     evaluates; the added parts are completed and the shared parts start from the init."""
     from beta_clip_jax import checkpoint
-    from beta_clip_jax.metrics_writer import read_metrics
+    from beta_clip_jax.reporting.metrics_writer import read_metrics
     from beta_clip_jax.train import train_and_evaluate
 
     c = _shrink(load_config(config, arg))
@@ -230,7 +231,7 @@ def test_method_configs_train_and_evaluate(tmp_path, config, arg, key):
     plain = _plain_workdir(str(tmp_path / "plain"), c, plain_cfg)
     c.init = str(tmp_path / "plain")
     train_and_evaluate(c, str(tmp_path / "run"))
-    trained, _, _ = checkpoint.load_params_from_workdir(str(tmp_path / "run"))
+    trained, _, _ = checkpoint.load_params_from_workdir(str(tmp_path / "run"), abstract_params)
     # Two small AdamW steps move a weight by about 2 x lr; a fresh init would differ by ~0.1.
     for path in (
         ("visual", "conv1", "kernel"),

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from beta_clip_jax import compare, plots
-from beta_clip_jax.metrics_writer import MetricsWriter, latest_per_step, read_metrics
+from beta_clip_jax.reporting import compare, plots
+from beta_clip_jax.reporting.metrics_writer import MetricsWriter, latest_per_step, read_metrics
 
 
 def write_lines(path, records, tail=""):

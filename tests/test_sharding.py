@@ -48,3 +48,31 @@ def test_fsdp_shards_embed_and_replicates_indivisible_dims():
     assert sh["w"].spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     # 3 is not divisible by fsdp=4: that dimension stays replicated instead of failing in XLA.
     assert sh["b"].spec == jax.sharding.PartitionSpec(None)
+
+
+def test_opt_state_shardings_follow_the_params_by_structure():
+    """Moments take their param's sharding leaf for leaf, also inside a multi_transform group
+    that masks the other group's params; counts are replicated. Two params named alike ("w")
+    at different depths with different shardings cannot be confused."""
+    import optax
+
+    mesh = sharding.make_mesh(_mesh_cfg(data=2, fsdp=4))
+    p = jax.sharding.PartitionSpec
+    params = {
+        "w": jax.ShapeDtypeStruct((8, 6), jnp.float32),
+        "pooler": {"w": jax.ShapeDtypeStruct((8, 6), jnp.float32)},
+    }
+    params_sh = {
+        "w": jax.sharding.NamedSharding(mesh, p("fsdp", None)),
+        "pooler": {"w": jax.sharding.NamedSharding(mesh, p(None, "tensor"))},
+    }
+    labels = {"w": "main", "pooler": {"w": "pooler"}}
+    tx = optax.multi_transform({"main": optax.adam(1e-3), "pooler": optax.adam(1e-2)}, labels)
+    abstract = jax.eval_shape(tx.init, params)
+    got = sharding.opt_state_shardings(abstract, params, params_sh, mesh)
+    main = got.inner_states["main"].inner_state[0]
+    pooler = got.inner_states["pooler"].inner_state[0]
+    assert main.mu["w"] == main.nu["w"] == params_sh["w"]
+    assert pooler.mu["pooler"]["w"] == params_sh["pooler"]["w"]
+    assert isinstance(main.mu["pooler"]["w"], optax.MaskedNode)
+    assert main.count == pooler.count == sharding.replicated(mesh)

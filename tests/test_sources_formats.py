@@ -404,7 +404,7 @@ def test_open_image_takes_bytes_and_file_objects(layouts):
 
 def test_training_run_on_a_csv(layouts, tmp_path, monkeypatch):
     from beta_clip_jax.config_check import train_set_size
-    from beta_clip_jax.metrics_writer import read_metrics
+    from beta_clip_jax.reporting.metrics_writer import read_metrics
     from beta_clip_jax.train import train_and_evaluate
 
     path = tmp_path / "train.csv"
@@ -465,7 +465,7 @@ def _train_config(fmt, fields, cache, stop_at_step):
 
 
 def _steps(workdir):
-    from beta_clip_jax.metrics_writer import read_metrics
+    from beta_clip_jax.reporting.metrics_writer import read_metrics
 
     return {r["step"]: r for r in read_metrics(str(workdir)) if "train/loss" in r}
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from train_helpers import tiny_config
 
-from beta_clip_jax import metrics_writer, perf
+from beta_clip_jax import perf
 from beta_clip_jax.config_check import ConfigError
-from beta_clip_jax.metrics_writer import Progress, format_duration, read_metrics
+from beta_clip_jax.reporting import metrics_writer
+from beta_clip_jax.reporting.metrics_writer import Progress, format_duration, read_metrics
 from beta_clip_jax.train import train_and_evaluate
 
 

@@ -25,6 +25,7 @@ from test_multihost_train import (
 )
 
 from beta_clip_jax import checkpoint
+from beta_clip_jax.step import abstract_params
 
 NUM_STEPS, STOP_AT = 12, 6
 BAD = {5: "missing_image", 21: "corrupt_image", 40: "empty_caption"}
@@ -92,8 +93,10 @@ def test_resume_on_another_process_count_matches_the_uninterrupted_run(runs, wor
     paths, results, _ = runs
     for name in (first, then, "reference"):
         _assert_ok(results[name])
-    reference, _, ref_step = checkpoint.load_params_from_workdir(paths["reference"])
-    resumed, _, step = checkpoint.load_params_from_workdir(paths[workdir])
+    reference, _, ref_step = checkpoint.load_params_from_workdir(
+        paths["reference"], abstract_params
+    )
+    resumed, _, step = checkpoint.load_params_from_workdir(paths[workdir], abstract_params)
     assert step == ref_step == NUM_STEPS
     for (path, a), b in zip(jax_tree_with_path(reference), jax_tree_leaves(resumed), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=path)

@@ -11,7 +11,8 @@ import pytest
 from train_helpers import losses, tiny_config
 
 from beta_clip_jax import checkpoint
-from beta_clip_jax.metrics_writer import read_metrics
+from beta_clip_jax.reporting.metrics_writer import read_metrics
+from beta_clip_jax.step import abstract_params
 from beta_clip_jax.train import Stopped, train_and_evaluate
 
 
@@ -33,7 +34,7 @@ def test_relative_workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train_and_evaluate(tiny_config(stop_at_step=1), "runs/demo")
     assert checkpoint.has_checkpoint(str(tmp_path / "runs" / "demo"))
-    params, _, step = checkpoint.load_params_from_workdir("runs/demo")
+    params, _, step = checkpoint.load_params_from_workdir("runs/demo", abstract_params)
     assert step == 1 and "pooler" in params
 
 

@@ -5,15 +5,17 @@
         [--attention=auto|xla|cudnn] [--steps=5] [--breakdown] [--json=out.json]
     python -m beta_clip_jax.bench --config=configs/NAME.py [--config.FIELD=VALUE ...] [--steps=5]
 
-Times the jitted, sharded train step of step.py (the trainer's own) after compiling it, on random
-inputs with the batch layout of docs/CONTRACTS.md (every text slot full length and valid: the
-worst case). FLOPs come from XLA's cost analysis of the compiled step; XLA counts a scanned loop
-body once, so with scanned layers they are read from an unrolled twin of the step (compiled, never
-run). MFU = achieved FLOP/s per device / the device's peak (DEVICE_PEAKS; on CPU a measured
-matmul rate). --breakdown also jits the towers, the pooler, the loss (β-CAL + global InfoNCE) and
-the optimiser update alone with the step's shapes and reports their time and FLOP shares, plus a
-FLOP-only sweep over texts per image and β-CAL group size. Prints a table and one JSON object
-(also written to --json). For several simulated CPU devices (FSDP on CPU) set
+Times the jitted, sharded train step of step.py after compiling it, built by train_setup.TrainSetup
+as the trainer builds it (the optimiser on the config's num_steps schedule, the pooler's starting
+at loss.cal_start_step; the bench has no data to count a recipe's num_epochs in), on random inputs
+with the batch layout of docs/CONTRACTS.md (every text slot full length and valid: the worst case).
+FLOPs come from XLA's cost analysis of the compiled step; XLA counts a scanned loop body once, so
+with scanned layers they are read from an unrolled twin of the step (compiled, never run). MFU =
+achieved FLOP/s per device / the device's peak (DEVICE_PEAKS; on CPU a measured matmul rate).
+--breakdown also jits the towers, the pooler, the loss (β-CAL + global InfoNCE) and the optimiser
+update alone with the step's shapes and reports their time and FLOP shares, plus a FLOP-only sweep
+over texts per image and β-CAL group size. Prints a table and one JSON object (also written to
+--json). For several simulated CPU devices (FSDP on CPU) set
 XLA_FLAGS=--xla_force_host_platform_device_count=N first. docs/bench.md has measured figures.
 
 Modules: hardware (device peaks, machine, cost and memory readers), step_timing (config, batch,

@@ -7,7 +7,6 @@ import logging
 import statistics
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,8 +19,8 @@ from beta_clip_jax.bench.hardware import cost, time_calls
 from beta_clip_jax.bench.step_timing import bench_config, texts_per_image, unrolled
 from beta_clip_jax.data.transforms import normalize
 from beta_clip_jax.methods import build_model
+from beta_clip_jax.models.clip import param_shapes
 from beta_clip_jax.models.variants import num_patches
-from beta_clip_jax.optim import make_optimizer
 
 
 def _parts(model, loss_cfg):
@@ -132,9 +131,7 @@ def flop_sweep(config, ks, groups) -> list[dict]:
     rows = []
     base = unrolled(config)
     model = build_model(base.model)
-    tx, _ = make_optimizer(base.optim, 1000, int(base.model.frozen_positions))
-    params = step_lib.abstract_state(model, tx, base)[0]
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(params))
+    params = param_shapes(model)  # shapes only: no optimiser, nothing allocated
     sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     for k in ks:
         logging.info("FLOP sweep: K=%d", k)

@@ -8,12 +8,9 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from beta_clip_jax import config_check, sharding
-from beta_clip_jax import step as step_lib
+from beta_clip_jax import config_check, sharding, train_setup
 from beta_clip_jax.bench import batches
 from beta_clip_jax.bench.hardware import (
     cost,
@@ -23,8 +20,6 @@ from beta_clip_jax.bench.hardware import (
     process_memory,
 )
 from beta_clip_jax.config_defaults import base_config
-from beta_clip_jax.methods import build_model
-from beta_clip_jax.optim import make_optimizer
 
 
 def bench_config(
@@ -98,24 +93,15 @@ def texts_per_image(config) -> int:
     return 1 + int(config.data.max_sentences) + int(config.data.max_phrases)
 
 
-class Setup:
-    """Model, optimiser, mesh, sharded state and batch for one config.
+class Setup(train_setup.TrainSetup):
+    """The trainer's setup for one config (train_setup.TrainSetup: model, optimiser on the config's
+    own schedules, sharded state, jitted step), plus a batch.
 
     The batch: `batch_file` (bench/batches.py's layout) if given, else random texts of
     `lengths` ("full" rows or "sharegpt4v"-like); packed when config.data.pack_texts."""
 
     def __init__(self, config, *, lengths: str = "full", batch_file: str | None = None):
-        self.config = config
-        config_check.check_config(config, sharding.mesh_device_count(config.mesh), 1)
-        self.mesh = sharding.make_mesh(config.mesh)
-        self.model = build_model(config.model)
-        self.tx, _ = make_optimizer(config.optim, 1000, int(config.model.frozen_positions))
-        _, self.params_sh, _, self.opt_sh = step_lib.state_shardings(
-            self.model, self.tx, config, self.mesh
-        )
-        self.jitted = step_lib.jit_train_step(
-            self.model, self.tx, config, self.mesh, self.params_sh, self.opt_sh
-        )
+        super().__init__(config)
         if batch_file:
             self.unpacked = batches.file_batch(config, batch_file)
             if len(self.unpacked["image"]) != int(config.batch_size):
@@ -129,22 +115,6 @@ class Setup:
         local = batches.step_batch(config, self.unpacked, accum)
         self.tokens = batches.token_counts(self.unpacked, local)
         self.batch = sharding.global_batch_from_local(local, self.mesh)
-
-    def abstract_state(self):
-        params, opt = step_lib.state_shardings(self.model, self.tx, self.config, self.mesh)[::2]
-        sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-        return step_lib.TrainState(
-            step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(self.mesh)),
-            params=jax.tree.map(sds, params, self.params_sh),
-            opt_state=jax.tree.map(sds, opt, self.opt_sh),
-        )
-
-    def init_state(self):
-        params, opt = step_lib.init_state(
-            self.model, self.tx, self.config, self.mesh, self.params_sh, self.opt_sh
-        )
-        step = jax.device_put(np.int32(0), sharding.replicated(self.mesh))
-        return step_lib.TrainState(step=step, params=params, opt_state=opt)
 
 
 def unrolled(config):

@@ -160,12 +160,13 @@ def _has_hf_config(path: str) -> bool:
 def _from_workdir(path: str, step=None):
     try:
         from beta_clip_jax.checkpoint import load_params_from_workdir
+        from beta_clip_jax.step import abstract_params
     except ImportError as e:
         raise NotImplementedError(
             f"reading workdir {path} needs beta_clip_jax.checkpoint.load_params_from_workdir"
         ) from e
     # It returns (params, model config, step); the step is of no use to an import.
-    params, cfg, *_ = load_params_from_workdir(path, step=step)
+    params, cfg, *_ = load_params_from_workdir(path, abstract_params, step=step)
     return params, cfg
 
 
@@ -197,20 +198,27 @@ def _init_pooler(cfg, rng) -> dict:
     return jax.tree_util.tree_map(np.asarray, _pooler_init_fn(cfg.embed_dim, cfg.pooler_heads)(rng))
 
 
+def _pooler(embed_dim: int, heads: int):
+    """(the pooler BetaCLIP builds, the smallest input that creates its parameters)."""
+    from beta_clip_jax.models.pooler import TextConditionedPooler
+
+    return TextConditionedPooler(num_heads=heads), jnp.zeros((1, 1, embed_dim), jnp.float32)
+
+
 @functools.lru_cache(maxsize=8)
 def _pooler_init_fn(embed_dim: int, heads: int):
     """One compiled pooler init per shape, reused across loads."""
     import flax.linen as nn
 
-    from beta_clip_jax.models.pooler import TextConditionedPooler
-
-    dummy = jnp.zeros((1, 1, embed_dim), jnp.float32)
-    pooler = TextConditionedPooler(num_heads=heads)
+    pooler, dummy = _pooler(embed_dim, heads)
     return jax.jit(lambda r: nn.unbox(pooler.init(r, dummy, dummy)["params"]))
 
 
 def _check_pooler(flat: dict, cfg) -> None:
-    abstract = jax.eval_shape(_pooler_init_fn(cfg.embed_dim, cfg.pooler_heads), jax.random.key(0))
+    from beta_clip_jax.models.layers import abstract_params
+
+    pooler, dummy = _pooler(cfg.embed_dim, cfg.pooler_heads)
+    abstract = abstract_params(pooler, dummy, dummy)
     want = {k: tuple(v.shape) for k, v in _flatten(abstract).items()}
     got = {k: tuple(np.shape(v)) for k, v in flat.items()}
     differ = sorted(k for k in set(want) | set(got) if got.get(k) != want.get(k))

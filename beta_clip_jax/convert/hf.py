@@ -387,7 +387,7 @@ def hf_config_from_variant(cfg) -> dict[str, Any]:
 def hf_preprocessor_config(image_size: int) -> dict[str, Any]:
     """preprocessor_config.json for CLIPImageProcessor: CLIP evaluation's bicubic resize of the
     shortest side, centre crop and OpenAI mean/std (what api.Encoder does)."""
-    from beta_clip_jax.models.clip import OPENAI_MEAN, OPENAI_STD
+    from beta_clip_jax.data.transforms import OPENAI_MEAN, OPENAI_STD
 
     return {
         "image_processor_type": "CLIPImageProcessor",

@@ -9,8 +9,8 @@ a per-tensor transform and how layers are stacked:
 - "text": HF text layers 0..L-1 stacked on axis 0 of `text/blocks/...`.
 
 The pooler has no CLIPModel counterpart. Its own table, POOLER_TABLE, maps it to the state_dict of
-`beta_clip_jax.torch_pooler.BetaCLIPPooler` with the same transforms; the exported pooler file keeps
-our Flax names ("pooler/query/kernel", ...), which `pooler_file_tensors` writes.
+`beta_clip_jax.torch_pooler.BetaCLIPPooler` with the same transforms; the exported pooler
+file keeps our Flax names ("pooler/query/kernel", ...), which `pooler_file_tensors` writes.
 """
 
 import dataclasses

@@ -3,6 +3,8 @@
 Training: torchvision-style RandomResizedCrop (bilinear). Evaluation: bicubic resize of the shorter
 side + centre crop (CLIP eval), or an exact square resize ignoring aspect (FG-OVD). Normalisation
 with the OpenAI mean/std runs last, on numpy or on device (jax), because batches travel as uint8.
+This is the package's one copy of the statistics and of `normalize`: the train step, the inference
+API and the exporters all read them here (the data package sits below the models).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import numpy as np
 from etils import epath
 
 from beta_clip_jax.evals.gather import sharded_map
+from beta_clip_jax.mathutil import l2_normalize
 
 
 def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -209,11 +210,6 @@ def prepare_image(image: Any, size: int, mode: str = "crop") -> np.ndarray:
     if mode == "squash":
         return transforms.resize_exact(image, size)
     raise ValueError(f"image mode {mode!r} not in ['crop', 'squash']")
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def image_batches(

@@ -166,7 +166,7 @@ def filtered_encoder(encoder, param_filter, options):
     """
     import jax
 
-    from beta_clip_jax.api import Encoder
+    from beta_clip_jax.evals.encoder import Encoder
 
     params = dict(encoder.params)
     originals = {}

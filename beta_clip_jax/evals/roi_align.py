@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+from beta_clip_jax.mathutil import l2_normalize
+
 
 def _bilinear(features: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """Bilinear samples of features [H, W, C] at every (ys[i], xs[j]) -> [len(ys), len(xs), C]."""
@@ -118,6 +120,4 @@ def box_features(
     ).astype(np.float32)
     grid = np.asarray(grid, np.float32)
     pooled = roi_align(grid, xyxy, output_size=1, spatial_scale=1.0, sampling_ratio=-1)[:, 0, 0]
-    pooled = pooled.astype(np.float64)
-    norm = np.linalg.norm(pooled, axis=1, keepdims=True)
-    return (pooled / np.maximum(norm, 1e-12)).astype(np.float32)
+    return l2_normalize(pooled, dtype=np.float64).astype(np.float32)

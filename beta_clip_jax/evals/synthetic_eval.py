@@ -28,7 +28,6 @@ from beta_clip_jax.evals.base import (
     embed_images,
     embed_texts,
     image_batches,
-    l2_normalize,
     scores_per_item,
     unique_texts,
 )
@@ -36,6 +35,7 @@ from beta_clip_jax.evals.fgovd import box_text_scores, box_vectors
 from beta_clip_jax.evals.gather import sharded_map
 from beta_clip_jax.evals.metrics import fgovd_accuracy, retrieval_recall
 from beta_clip_jax.evals.retrieval import TCI_PREFIX
+from beta_clip_jax.mathutil import l2_normalize
 
 
 def _get(record: Any, key: str) -> Any:

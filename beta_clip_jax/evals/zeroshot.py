@@ -22,9 +22,9 @@ from beta_clip_jax.evals.base import (
     cfg_require,
     embed_images,
     embed_texts,
-    l2_normalize,
 )
 from beta_clip_jax.evals.metrics import topk_accuracy
+from beta_clip_jax.mathutil import l2_normalize
 
 _log = logging.getLogger(__name__)
 

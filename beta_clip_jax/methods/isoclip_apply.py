@@ -11,7 +11,8 @@ Each projection is filtered with its own modality's band (methods/isoclip.py, `B
 image->image and text->text similarity; image<->text scoring must use the original weights.
 
 DIR receives:
-- an export (beta_clip_jax/export.py layout: Hugging Face CLIPModel files + pooler + meta) that
+- an export (the layout of beta_clip_jax/convert/export.py: Hugging Face CLIPModel files,
+  pooler, meta) that
   `api.load(DIR)`, `--config.init=hf:DIR` and `transformers.CLIPModel.from_pretrained(DIR)` read,
   whenever the model fits that layout (SmartCLIP's training-only mask head is dropped; a
   multi-branch Holistic model does not fit: use the intramodal evaluator's in-memory
@@ -51,7 +52,7 @@ def _load(init):
 def _export(params, model_cfg, out, init):
     """Writes the export layout into `out`; returns None or why it could not."""
     try:
-        from beta_clip_jax.export import export_params
+        from beta_clip_jax.convert.export import export_params
         from beta_clip_jax.methods import inference_params
 
         params, cfg = inference_params(params, model_cfg)

@@ -15,26 +15,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from beta_clip_jax.models.layers import logical_init
+from beta_clip_jax.models.layers import abstract_params, logical_init
 from beta_clip_jax.models.pooler import TextConditionedPooler
 from beta_clip_jax.models.text import TextTower
 from beta_clip_jax.models.vision import VisionTower
 
 LOGIT_SCALE_INIT = math.log(1.0 / 0.07)
-
-# OpenAI CLIP's image statistics. data/transforms.py owns the training-side normalisation; these
-# copies serve the inference API and the converters, which must not depend on the data package.
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def normalize_images(images):
-    """uint8 [..., 3] -> float32 OpenAI-normalised images (numpy in, numpy out; jnp likewise)."""
-    xp = jnp if isinstance(images, jax.Array) else np
-    x = xp.asarray(images, dtype=xp.float32) / 255.0
-    return (x - xp.asarray(OPENAI_MEAN, xp.float32)) / xp.asarray(OPENAI_STD, xp.float32)
 
 
 def compute_dtype(name: str):
@@ -179,5 +166,4 @@ def init_params(model: BetaCLIP, rng: jax.Array, *, boxed: bool = False) -> dict
 
 def param_shapes(model: BetaCLIP) -> dict:
     """Shapes (jax.ShapeDtypeStruct tree) of the unboxed parameters, without allocating them."""
-    out = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model.config))
-    return nn.unbox(out["params"])
+    return abstract_params(model, *dummy_inputs(model.config))

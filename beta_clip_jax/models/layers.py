@@ -61,6 +61,15 @@ def activation_fn(name: str):
     return ACTIVATIONS[name]
 
 
+def abstract_params(module: nn.Module, *inputs, boxed: bool = False):
+    """The parameters `module.init(key, *inputs)` creates, as jax.ShapeDtypeStructs: nothing is
+    allocated or computed. boxed=True keeps the logical axis names, which the shardings read.
+
+    The one shape helper for every module (the model, the train state, the pooler alone)."""
+    params = jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+    return params if boxed else nn.unbox(params)
+
+
 def logical_init(init, axes: tuple[str | None, ...]):
     """An initialiser whose parameter carries logical axis names for the sharding rules."""
     return nn.with_logical_partitioning(init, axes)

@@ -27,7 +27,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-LN_EPS = 1e-5
+from beta_clip_jax.mathutil import l2_normalize
+from beta_clip_jax.models.layers import LN_EPS, LayerNorm, quick_gelu
+
 LOGIT_SCALE_INIT = math.log(1.0 / 0.07)
 
 
@@ -74,31 +76,6 @@ class _Affine(nn.Module):
         bias_init = _uniform(self.bias_bound) if self.bias_bound else nn.initializers.zeros_init()
         bias = _param(self, "bias", bias_init, self.bias_shape, self.bias_axes)
         return kernel, bias
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """Row-wise L2 normalisation in float32 (the norm of bf16 vectors loses too many bits)."""
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
-def quick_gelu(x: jax.Array) -> jax.Array:
-    """OpenAI CLIP's activation x * sigmoid(1.702 x)."""
-    return x * jax.nn.sigmoid(1.702 * x)
-
-
-class _LayerNorm(nn.Module):
-    """LayerNorm (eps 1e-5) computed in float32 whatever the input dtype, as the reference does."""
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        e = x.shape[-1]
-        scale = _param(self, "scale", nn.initializers.ones_init(), (e,), ("embed",))
-        bias = _param(self, "bias", nn.initializers.zeros_init(), (e,), ("embed",))
-        x = x.astype(jnp.float32)
-        mu = x.mean(-1, keepdims=True)
-        var = jnp.square(x - mu).mean(-1, keepdims=True)
-        return (x - mu) * jax.lax.rsqrt(var + LN_EPS) * scale + bias
 
 
 class TextConditionedPooler(nn.Module):
@@ -184,7 +161,9 @@ class TextConditionedPooler(nn.Module):
         )()
         o = jnp.einsum("bkhd,hde->bke", ctx, w_o.astype(cd)) + b_o.astype(cd)
 
-        y = _LayerNorm(name="ln")(o)
+        # The towers' LayerNorm (float32 statistics); eps 1e-5 and the names ln/scale, ln/bias
+        # are the reference pooler's, which export and torch_pooler.py map to.
+        y = LayerNorm(LN_EPS, name="ln")(o)
 
         w1, b1 = _Affine((e, m), ("embed", "mlp"), e_bound, (m,), ("mlp",), e_bound, name="fc1")()
         w2, b2 = _Affine((m, e), ("mlp", "embed"), m_bound, (e,), ("embed",), m_bound, name="fc2")()

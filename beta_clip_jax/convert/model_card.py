@@ -103,7 +103,7 @@ def last_evaluation(workdir: str, up_to_step: int | None = None) -> dict[str, di
     """{dataset: {"step": s, "metrics": {metric: value}}}: each dataset's last evaluation at or
     before `up_to_step` (the exported checkpoint; None: any) in the workdir's metrics.jsonl,
     else in eval_results.json (an evaluation-only run's). {} when neither has one."""
-    from beta_clip_jax.metrics_writer import latest_per_step, read_metrics
+    from beta_clip_jax.reporting.metrics_writer import latest_per_step, read_metrics
 
     found: dict[str, dict] = {}
     for record in latest_per_step(read_metrics(workdir)):

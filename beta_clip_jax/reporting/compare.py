@@ -1,6 +1,7 @@
 """Side-by-side final evaluation results of several runs, grouped by method, plus a bar chart.
 
-    python -m beta_clip_jax.compare --workdirs=runs/clip,runs/ce,runs/bce [--out=compare.png]
+    python -m beta_clip_jax.reporting.compare --workdirs=runs/clip,runs/ce,runs/bce \
+        [--out=compare.png]
 
 Each workdir's method comes from its config.json ("clip", "beta_clip ce beta=0.5", ...). Runs of
 the same method (several seeds) are one column, shown as mean ± sample standard deviation over the
@@ -10,15 +11,14 @@ plots.read_run_metrics does (a rerun's lines replace those of a crashed run befo
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections import defaultdict
 
 import numpy as np
+from absl import app, flags
 
 from beta_clip_jax.evals.retrieval import TCI_PREFIX
-from beta_clip_jax.plots import _pyplot, final_results, read_config, run_label
+from beta_clip_jax.reporting.plots import _pyplot, final_results, read_config, run_label
 
 # The metrics shown first, in this order, when present; other eval metrics follow.
 MAIN_METRICS = (
@@ -188,21 +188,33 @@ def plot_comparison(groups: dict[str, list[dict]], out: str) -> str:
     return out
 
 
-def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m beta_clip_jax.compare", description=__doc__)
-    parser.add_argument("--workdirs", required=True, help="comma-separated workdirs")
-    parser.add_argument("--out", default="compare.png", help="output PNG ('' for none)")
-    parser.add_argument("--all", action="store_true", help="every metric, not only the main ones")
-    args = parser.parse_args(argv)
-    workdirs = [w for w in args.workdirs.split(",") if w]
+def compare(workdirs: list[str], out: str = "compare.png", everything: bool = False) -> str:
+    """Prints the comparison table of `workdirs` and writes the bar chart to `out` ('' for
+    none); returns the table."""
     groups = collect(workdirs)
-    table = format_comparison(groups, everything=args.all)
+    table = format_comparison(groups, everything=everything)
     print(table)
-    if args.out:
-        plot_comparison(groups, args.out)
-        print(f"wrote {args.out}")
+    if out:
+        plot_comparison(groups, out)
+        print(f"wrote {out}")
     return table
 
 
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command's flags; defined only when it runs (cli.run_command, or as __main__)."""
+    flags.DEFINE_string("workdirs", None, "comma-separated workdirs", flag_values=flag_values)
+    flags.DEFINE_string("out", "compare.png", "output PNG ('' for none)", flag_values=flag_values)
+    flags.DEFINE_bool("all", False, "every metric, not only the main ones", flag_values=flag_values)
+    flags.mark_flag_as_required("workdirs", flag_values=flag_values)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flag_values
+    compare([w for w in f.workdirs.split(",") if w], f.out, everything=f.all)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    define_flags()
+    app.run(main)

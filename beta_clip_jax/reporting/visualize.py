@@ -1,6 +1,7 @@
 """Where does a text look? Heat maps of the pooler's attention and of patch-text similarity.
 
-    python -m beta_clip_jax.visualize --model=PATH --image=IMG --text="a red car" --out=heat.png
+    python -m beta_clip_jax.reporting.visualize --model=PATH --image=IMG --text="a red car" \
+        --out=heat.png
 
 PATH is anything `api.load` accepts (a workdir, an exported or a Hugging Face CLIP directory). The
 PNG shows the image (resized and centre-cropped to the model's input, as in evaluation), the
@@ -10,14 +11,14 @@ each projected patch feature with the text embedding, both overlaid on the image
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import sys
 import warnings
 
 import numpy as np
+from absl import app, flags
 
 from beta_clip_jax.evals.base import load_image, prepare_image
+from beta_clip_jax.mathutil import l2_normalize
 
 
 def attention_maps(encoder, image, text: str) -> tuple[np.ndarray | None, np.ndarray]:
@@ -31,8 +32,7 @@ def attention_maps(encoder, image, text: str) -> tuple[np.ndarray | None, np.nda
     grid = np.asarray(encoder.dense_features(batch), np.float32)[0]  # [h, w, E]
     h, w = grid.shape[:2]
     text_emb = np.asarray(encoder.embed_texts([text]), np.float32)[0]
-    grid = grid / np.maximum(np.linalg.norm(grid, axis=-1, keepdims=True), 1e-12)
-    sim = grid @ (text_emb / max(float(np.linalg.norm(text_emb)), 1e-12))
+    sim = l2_normalize(grid) @ l2_normalize(text_emb)
     attend = getattr(encoder, "attention", None)
     if attend is None:
         return None, sim
@@ -101,18 +101,27 @@ def visualize(encoder, image, text: str, out: str) -> tuple[np.ndarray | None, n
     return attn, sim
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m beta_clip_jax.visualize", description=__doc__)
-    parser.add_argument("--model", required=True, help="workdir, exported or HF CLIP directory")
-    parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--text", required=True, help="the text whose attention to show")
-    parser.add_argument("--out", default="heat.png", help="output PNG path")
-    args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command's flags; defined only when it runs (cli.run_command, or as __main__)."""
+    flags.DEFINE_string(
+        "model", None, "workdir, exported or HF CLIP directory", flag_values=flag_values
+    )
+    flags.DEFINE_string("image", None, "image file", flag_values=flag_values)
+    flags.DEFINE_string("text", None, "the text whose attention to show", flag_values=flag_values)
+    flags.DEFINE_string("out", "heat.png", "output PNG path", flag_values=flag_values)
+    flags.mark_flags_as_required(["model", "image", "text"], flag_values=flag_values)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flag_values
     api = importlib.import_module("beta_clip_jax.api")
-    encoder = api.load(args.model)
-    visualize(encoder, load_image(args.image), args.text, args.out)
-    print(f"wrote {args.out}")
+    encoder = api.load(f.model)
+    visualize(encoder, load_image(f.image), f.text, f.out)
+    print(f"wrote {f.out}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    define_flags()
+    app.run(main)

@@ -1,9 +1,9 @@
 """PNGs of one finished run: its training curves and where one phrase looks in one scene.
 
-    from beta_clip_jax.plots import write_run_plots
+    from beta_clip_jax.reporting.plots import write_run_plots
     write_run_plots("runs/ce")  # -> runs/ce/curves.png, runs/ce/heatmap.png
 
-    python -m beta_clip_jax.plots --workdir=runs/ce   # the same, plus the final results table
+    python -m beta_clip_jax.reporting.plots --workdir=runs/ce  # the same, plus the results table
 
 Everything is read back from the workdir (config.json, metrics.jsonl, the last checkpoint), so it
 works on any finished or interrupted run, and the trainer can call it at the end of a run.
@@ -11,16 +11,15 @@ works on any finished or interrupted run, and the trainer can call it at the end
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 
+from absl import app, flags
 from etils import epath
 
 from beta_clip_jax import methods
 from beta_clip_jax.losses import cal
-from beta_clip_jax.metrics_writer import latest_per_step, read_metrics
+from beta_clip_jax.reporting.metrics_writer import latest_per_step, read_metrics
 
 # Curves drawn in the lower panel, when the run logged them (eval/<dataset>/<metric>).
 EVAL_CURVES = (
@@ -185,7 +184,8 @@ def _first_sentence(text: str) -> str:
 def write_heatmap(workdir: str, out: str, scene_index: int = 0, text: str | None = None) -> str:
     """The pooler attention and patch-text similarity of one phrase over one image
     (heatmap_example's; `text` overrides the phrase), from the last checkpoint."""
-    from beta_clip_jax import api, visualize
+    from beta_clip_jax import api
+    from beta_clip_jax.reporting import visualize
 
     image, default_text = heatmap_example(workdir, read_config(workdir), scene_index)
     encoder = api.load(str(workdir))
@@ -241,14 +241,22 @@ def report_run(workdir: str, scene_index: int = 0, text: str | None = None) -> d
     return paths
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m beta_clip_jax.plots", description=__doc__)
-    parser.add_argument("--workdir", required=True, help="a finished (or stopped) run")
-    parser.add_argument("--text", default=None, help="phrase for the heat map (default: a box)")
-    parser.add_argument("--scene", type=int, default=0, help="synthetic eval scene index")
-    args = parser.parse_args(argv)
-    report_run(args.workdir, args.scene, args.text)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command's flags; defined only when it runs (cli.run_command, or as __main__)."""
+    flags.DEFINE_string("workdir", None, "a finished (or stopped) run", flag_values=flag_values)
+    flags.DEFINE_string(
+        "text", None, "phrase for the heat map (default: a box)", flag_values=flag_values
+    )
+    flags.DEFINE_integer("scene", 0, "synthetic eval scene index", flag_values=flag_values)
+    flags.mark_flag_as_required("workdir", flag_values=flag_values)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    report_run(flag_values.workdir, flag_values.scene, flag_values.text)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    define_flags()
+    app.run(main)

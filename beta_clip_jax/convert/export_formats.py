@@ -22,7 +22,7 @@ import re
 import numpy as np
 
 from beta_clip_jax.convert.hf import hf_config_from_variant
-from beta_clip_jax.models.clip import OPENAI_MEAN, OPENAI_STD
+from beta_clip_jax.data.transforms import OPENAI_MEAN, OPENAI_STD
 from beta_clip_jax.tokenizer import Tokenizer
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
