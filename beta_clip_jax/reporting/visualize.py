@@ -11,7 +11,6 @@ each projected patch feature with the text embedding, both overlaid on the image
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import numpy as np
@@ -116,7 +115,8 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flag_values
-    api = importlib.import_module("beta_clip_jax.api")
+    from beta_clip_jax import api  # heavy (converters, JAX): only when the command runs
+
     encoder = api.load(f.model)
     visualize(encoder, load_image(f.image), f.text, f.out)
     print(f"wrote {f.out}")
