@@ -11,6 +11,7 @@ each projected patch feature with the text embedding, both overlaid on the image
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import numpy as np
@@ -115,8 +116,9 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flag_values
-    from beta_clip_jax import api  # heavy (converters, JAX): only when the command runs
-
+    # Looked up in sys.modules when the command runs (heavy: converters, JAX), so a caller may
+    # substitute the API (tests do); a downward import all the same (reporting -> api).
+    api = importlib.import_module("beta_clip_jax.api")
     encoder = api.load(f.model)
     visualize(encoder, load_image(f.image), f.text, f.out)
     print(f"wrote {f.out}")
