@@ -12,6 +12,21 @@ SHAREGPT4V_TRAIN = "data/sharegpt4v/train_spacy.jsonl"  # written by data/prepar
 SHAREGPT4V_IMAGES = "data/sharegpt4v/images"
 
 
+def long_caption_evals(every: int, sv1k_json: str = SHAREGPT4V_JSON) -> ml_collections.ConfigDict:
+    """Urban1K and SV-1k (the first 1000 records of `sv1k_json`) long-caption retrieval, every
+    `every` steps: the evaluation block of the ShareGPT4V recipes."""
+    evals = ml_collections.ConfigDict()
+    evals.urban1k = dict(kind="urban1k", root="data/Urban1k", every=every, batch_size=64)
+    evals.sv1k = dict(
+        kind="sharegpt4v_1k",
+        json_path=sv1k_json,
+        image_root=SHAREGPT4V_IMAGES,
+        every=every,
+        batch_size=64,
+    )
+    return evals
+
+
 def urban_recipe(arg: str = "ce"):
     """The released ViT-B/16 recipe (configs/b16_urban.py): ShareGPT4V long captions, 4 GPUs x
     64, Urban1K / SV-1k / FG-OVD evaluations; `arg` "ce" or "bce" is the β-CAL mode."""
@@ -48,15 +63,7 @@ def urban_recipe(arg: str = "ce"):
     c.keep_checkpoints = 3
 
     every = 600  # about one epoch at 2048 images per step
-    c.evals = ml_collections.ConfigDict()
-    c.evals.urban1k = dict(kind="urban1k", root="data/Urban1k", every=every, batch_size=64)
-    c.evals.sv1k = dict(
-        kind="sharegpt4v_1k",
-        json_path=SHAREGPT4V_JSON,
-        image_root=SHAREGPT4V_IMAGES,
-        every=every,
-        batch_size=64,
-    )
+    c.evals = long_caption_evals(every)
     c.evals.fgovd = dict(
         kind="fgovd", root="data/fgovd", image_root="data/coco", every=every, batch_size=64
     )

@@ -19,9 +19,8 @@ tree: `methods.complete_params(params, model)`, called where `config.init` is lo
 (train.load_init_params); see docs/methods.md.
 """
 
-import ml_collections
-
 from beta_clip_jax.config_defaults import base_config
+from beta_clip_jax.config_presets import long_caption_evals
 
 SHAREGPT4V_JSON = "data/sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json"
 SHAREGPT4V_IMAGES = "data/sharegpt4v/images"
@@ -60,13 +59,5 @@ def get_config():
     c.log_every = 20
     c.checkpoint_every = 500
     every = 1000
-    c.evals = ml_collections.ConfigDict()
-    c.evals.urban1k = dict(kind="urban1k", root="data/Urban1k", every=every, batch_size=64)
-    c.evals.sv1k = dict(
-        kind="sharegpt4v_1k",
-        json_path=SHAREGPT4V_JSON,
-        image_root=SHAREGPT4V_IMAGES,
-        every=every,
-        batch_size=64,
-    )
+    c.evals = long_caption_evals(every, sv1k_json=SHAREGPT4V_JSON)
     return c
